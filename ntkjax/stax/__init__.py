@@ -1,0 +1,18 @@
+"""Layers that give the finite network and its infinite-width kernels.
+
+Every constructor returns a `Layer` `(init_fn, apply_fn, kernel_fn)`; names
+and keyword arguments follow neural-tangents' `stax`.
+"""
+
+from ntkjax.stax.combinators import (FanInConcat, FanInProd, FanInSum, FanOut,
+                                     parallel, repeat, serial)
+from ntkjax.stax.elementwise import (ABRelu, Abs, Cos, Elementwise,
+                                     ElementwiseNumerical, Elu, Erf, Exp,
+                                     Gaussian, Gelu, Hermite, LeakyRelu,
+                                     Monomial, Polynomial, Rbf,
+                                     RectifiedMonomial, Relu, Selu, Sigmoid,
+                                     Sigmoid_like, Sign, Silu, Sin, Softplus,
+                                     Tanh)
+from ntkjax.stax.features import KernelError
+from ntkjax.stax.layer import KernelFn, Layer
+from ntkjax.stax.linear import Dense, Identity

@@ -1,0 +1,216 @@
+"""Combinators: `serial`, `parallel`, `repeat`, `FanOut`, `FanInSum`,
+`FanInProd`, `FanInConcat`.
+
+Each composes the finite network's init/apply functions and the layers'
+kernel maps; the branch rules for the kernels (what a sum or product of
+branches does to the NNGP and NTK) live in `features.py`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ntkjax.stax import features
+from ntkjax.stax.features import KernelError
+from ntkjax.stax.layer import (Layer, branch_kernels, kernel_map_of, layer,
+                               same_shapes)
+
+
+def _layer_name(a_layer) -> str:
+  return getattr(a_layer[2], 'name', repr(a_layer[2]))
+
+
+def serial(*layers: Layer) -> Layer:
+  """Layers applied one after another.
+
+  Args:
+    *layers: the layers, first to last.
+
+  Returns:
+    A `Layer` whose kernel map is the composition of the layers' maps.
+  """
+  names = [_layer_name(l) for l in layers]
+  maps = [kernel_map_of(l) for l in layers]
+  name = f'serial({", ".join(names)})'
+
+  def init_fn(key, input_shape):
+    params = []
+    for a_layer, layer_key in zip(layers, jax.random.split(key, max(len(layers), 1))):
+      input_shape, p = a_layer[0](layer_key, input_shape)
+      params.append(p)
+    return input_shape, tuple(params)
+
+  def apply_fn(params, x, *, key=None, **kwargs):
+    keys = ([None] * len(layers) if key is None
+            else list(jax.random.split(key, max(len(layers), 1))))
+    for a_layer, p, layer_key in zip(layers, params, keys):
+      x = a_layer[1](p, x, key=layer_key, **kwargs)
+    return x
+
+  def kernel_map(k):
+    for position, (kernel_map_i, layer_name) in enumerate(zip(maps, names)):
+      try:
+        k = kernel_map_i(k)
+      except KernelError as error:
+        raise KernelError(f'in serial layer {position} ({layer_name}): '
+                          f'{error}') from None
+    return k
+
+  return layer(name, init_fn, apply_fn, kernel_map)
+
+
+def parallel(*layers: Layer) -> Layer:
+  """Layers applied to the matching branches of a multi-branch input.
+
+  Args:
+    *layers: one layer per branch.
+
+  Returns:
+    A `Layer` mapping n branches to n branches.
+  """
+  maps = [kernel_map_of(l) for l in layers]
+  name = f'parallel({", ".join(_layer_name(l) for l in layers)})'
+
+  def check(xs, what):
+    if len(xs) != len(layers):
+      raise ValueError(f'{name}: received {len(xs)} {what} for {len(layers)} '
+                       'layers; use FanOut(n) with n equal to the number of '
+                       'layers.')
+
+  def init_fn(key, input_shapes):
+    check(input_shapes, 'input shapes')
+    keys = jax.random.split(key, max(len(layers), 1))
+    outs = [l[0](k, s) for l, k, s in zip(layers, keys, input_shapes)]
+    return [o[0] for o in outs], tuple(o[1] for o in outs)
+
+  def apply_fn(params, xs, *, key=None, **kwargs):
+    check(xs, 'inputs')
+    keys = ([None] * len(layers) if key is None
+            else list(jax.random.split(key, len(layers))))
+    return [l[1](p, x, key=k, **kwargs)
+            for l, p, x, k in zip(layers, params, xs, keys)]
+
+  def kernel_map(ks):
+    ks = branch_kernels(ks, name)
+    if len(ks) != len(layers):
+      raise KernelError(f'{name}: received {len(ks)} branches for '
+                        f'{len(layers)} layers; use FanOut({len(layers)}).')
+    return tuple(m(k) for m, k in zip(maps, ks))
+
+  return layer(name, init_fn, apply_fn, kernel_map)
+
+
+def repeat(a_layer: Layer, n: int) -> Layer:
+  """`a_layer` applied `n` times (each copy with its own parameters).
+
+  Args:
+    a_layer: a layer whose output shape equals its input shape.
+    n: number of repetitions (0 gives the identity).
+
+  Returns:
+    A `Layer`, equivalent to `serial(*[a_layer] * n)`.
+  """
+  if not isinstance(n, int) or n < 0:
+    raise ValueError(f'repeat: n must be an int >= 0, got {n!r}.')
+  chain = serial(*([a_layer] * n))
+  init_serial = chain.init_fn
+
+  def init_fn(key, input_shape):
+    if n:
+      output_shape, _ = a_layer[0](key, input_shape)
+      if tuple(output_shape) != tuple(input_shape):
+        raise ValueError(
+            f'repeat({_layer_name(a_layer)}, {n}): the layer maps shape '
+            f'{tuple(input_shape)} to {tuple(output_shape)}; repeat needs a '
+            'layer that keeps the shape (e.g. put the first Dense outside).')
+    return init_serial(key, input_shape)
+
+  return layer(f'repeat({_layer_name(a_layer)}, {n})', init_fn,
+               chain.apply_fn, chain.kernel_fn.kernel_map)
+
+
+def FanOut(num: int) -> Layer:
+  """Copies the input into `num` branches."""
+  return layer(f'FanOut({num})',
+               lambda key, shape: ([shape] * num, ()),
+               lambda params, x, **kwargs: [x] * num,
+               lambda k: (k,) * num)
+
+
+def _check_same_input_shapes(shapes, name):
+  if len({tuple(s) for s in shapes}) > 1:
+    raise ValueError(f'{name}: branch shapes {list(shapes)} differ; they must '
+                     'be equal.')
+
+
+def FanInSum() -> Layer:
+  """Sums the branches. Exact for non-Gaussian branches too (see features)."""
+  name = 'FanInSum()'
+
+  def init_fn(key, shapes):
+    _check_same_input_shapes(shapes, name)
+    return shapes[0], ()
+
+  def kernel_map(ks):
+    ks = branch_kernels(ks, name)
+    same_shapes(ks, name)
+    return features.fan_in_sum(ks)
+
+  return layer(name, init_fn, lambda params, xs, **kwargs: sum(xs[1:], xs[0]),
+               kernel_map)
+
+
+def FanInProd() -> Layer:
+  """Multiplies the branches elementwise."""
+  name = 'FanInProd()'
+
+  def init_fn(key, shapes):
+    _check_same_input_shapes(shapes, name)
+    return shapes[0], ()
+
+  def apply_fn(params, xs, **kwargs):
+    out = xs[0]
+    for x in xs[1:]:
+      out = out * x
+    return out
+
+  def kernel_map(ks):
+    ks = branch_kernels(ks, name)
+    same_shapes(ks, name)
+    return features.fan_in_prod(ks)
+
+  return layer(name, init_fn, apply_fn, kernel_map)
+
+
+def FanInConcat(axis: int = -1) -> Layer:
+  """Concatenates the branches along `axis` (the channel axis for kernels)."""
+  name = f'FanInConcat(axis={axis})'
+
+  def init_fn(key, shapes):
+    ndim = len(shapes[0])
+    ax = axis % ndim
+    rest = [tuple(s[:ax]) + tuple(s[ax + 1:]) for s in shapes]
+    _check_same_input_shapes(rest, name)
+    size = sum(s[ax] for s in shapes)
+    return tuple(shapes[0][:ax]) + (size,) + tuple(shapes[0][ax + 1:]), ()
+
+  def apply_fn(params, xs, **kwargs):
+    return jnp.concatenate(xs, axis=axis)
+
+  def kernel_map(ks):
+    ks = branch_kernels(ks, name)
+    ndim = len(ks[0].shape1)
+    if axis % ndim != ndim - 1:
+      raise KernelError(
+          f'{name}: kernels support concatenation along the channel axis '
+          f'(axis=-1) only; axis={axis} concatenates along the batch axis of '
+          'fully connected features.')
+    same_shapes(ks, name, axis_free=-1)
+    widths = [k.shape1[-1] for k in ks]
+    out = features.fan_in_concat(ks, widths)
+    total = sum(widths)
+    return out.replace(shape1=ks[0].shape1[:-1] + (total,),
+                       shape2=ks[0].shape2[:-1] + (total,))
+
+  return layer(name, init_fn, apply_fn, kernel_map)

@@ -1,0 +1,453 @@
+"""Dual activations: Gaussian expectations of elementwise nonlinearities.
+
+For a nonlinearity `phi` and a centred Gaussian pair
+
+    (u, v) ~ N(0, [[k11, k12], [k12, k22]]),
+
+the infinite-width kernel maps need (Neal 1996; Lee et al. 2018; Jacot et
+al. 2018):
+
+    nngp(k12, k11, k22)       = E[phi(u) phi(v)]
+    ntk_factor(k12, k11, k22) = E[phi'(u) phi'(v)]   (= d nngp / d k12, Price)
+    mean(k)                   = E[phi(u)],  u ~ N(0, k)
+
+`Activation` bundles `phi` with whichever of these it has in closed form.
+Anything missing is computed by Gauss–Hermite quadrature (`expect_2d`,
+`expect_1d`), with `phi'` from `jax.jvp`. Argument order follows
+neural-tangents' `nngp_fn(cov12, var1, var2)`.
+
+All closed forms take the correlation through `_correlation`, which clips it
+to [-1, 1] and keeps gradients finite on the diagonal (rho = 1), where the
+textbook formulas differentiate `arccos` at its branch point. Products of
+standard deviations are formed as `sqrt(k11) * sqrt(k22)`, never
+`sqrt(k11 * k22)`, so deep networks whose variances grow like 2^depth do not
+overflow float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Nodes per axis of the 2-d rule (cost ~ degree^2 per kernel entry). For
+# tanh-like activations it is accurate to ~1e-5 at pre-activation variance
+# <= 1 and ~1e-4 at variance 2.5 (tested); kinks converge slowly (~1e-3).
+# Raise `deg` on the layer for more.
+DEFAULT_QUADRATURE_DEGREE = 32
+
+
+# ----------------------------------------------------------------------------
+# Numerically safe building blocks.
+
+
+def safe_sqrt(x):
+  """sqrt(x) for x > 0, else 0; the gradient is 0 (not inf/NaN) at x <= 0."""
+  positive = x > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.)), 0.)
+
+
+def safe_divide(a, b):
+  """a / b where b != 0, else 0 (with finite gradients)."""
+  nonzero = b != 0
+  return jnp.where(nonzero, a / jnp.where(nonzero, b, 1.), 0.)
+
+
+def _correlation(k12, k11, k22):
+  """Correlation rho in [-1, 1], standard deviations, and the angle pieces.
+
+  Returns:
+    rho, sigma1, sigma2, theta = arccos(rho), sin(theta) = sqrt(1 - rho^2).
+  """
+  sigma1, sigma2 = safe_sqrt(k11), safe_sqrt(k22)
+  rho = jnp.clip(safe_divide(k12, sigma1 * sigma2), -1., 1.)
+  sin_theta = safe_sqrt(1. - rho**2)
+  # atan2 with a safe sqrt has gradient 0 at rho = +-1 where arccos' is
+  # infinite; every formula below has a finite limit there, which this gives.
+  theta = jnp.arctan2(sin_theta, rho)
+  return rho, sigma1, sigma2, theta, sin_theta
+
+
+# ----------------------------------------------------------------------------
+# The Activation record.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Activation:
+  """An elementwise nonlinearity and its known Gaussian expectations.
+
+  Attributes:
+    name: layer name used in error messages.
+    fn: the elementwise function `phi` (jnp, broadcasting).
+    nngp: `(k12, k11, k22) -> E[phi(u) phi(v)]`, or None (use quadrature).
+    ntk_factor: `(k12, k11, k22) -> E[phi'(u) phi'(v)]`, or None (derived from
+      `nngp` by differentiating w.r.t. k12 if `nngp` is given, else quadrature).
+    mean: `k -> E[phi(u)]`, or None (quadrature).
+    degree: Gauss–Hermite degree used when quadrature is needed.
+  """
+  name: str
+  fn: Callable
+  nngp: Optional[Callable] = None
+  ntk_factor: Optional[Callable] = None
+  mean: Optional[Callable] = None
+  degree: int = DEFAULT_QUADRATURE_DEGREE
+
+  @property
+  def has_closed_form(self) -> bool:
+    return self.nngp is not None
+
+  def ntk_factor_or_derived(self) -> Callable:
+    """E[phi' phi'] in closed form, or by Price's theorem d nngp / d k12."""
+    if self.ntk_factor is not None:
+      return self.ntk_factor
+    nngp = self.nngp
+
+    def derived(k12, k11, k22):
+      grad = jax.grad(lambda c, a, b: jnp.sum(nngp(c, a, b)))
+      return grad(k12, k11, k22)
+    return derived
+
+
+# ----------------------------------------------------------------------------
+# Gauss–Hermite quadrature for any phi.
+
+
+@functools.lru_cache(maxsize=64)
+def gauss_hermite_rule(degree: int):
+  """Nodes and weights (summing to 1) of the rule for E[f(z)], z ~ N(0, 1).
+
+  Golub–Welsch: the nodes are the eigenvalues of the Jacobi matrix of the
+  probabilists' Hermite polynomials (off-diagonal sqrt(n)); the weights are
+  the squared first components of its eigenvectors. Unlike numpy's
+  `hermegauss`, this stays accurate for degrees in the hundreds.
+  """
+  off_diagonal = np.sqrt(np.arange(1, degree, dtype=np.float64))
+  jacobi = np.diag(off_diagonal, 1) + np.diag(off_diagonal, -1)
+  nodes, vectors = np.linalg.eigh(jacobi)
+  weights = vectors[0]**2
+  return nodes, weights / weights.sum()
+
+
+def _probabilists_hermite(degree: int, dtype):
+  nodes, weights = gauss_hermite_rule(degree)
+  return jnp.asarray(nodes, dtype), jnp.asarray(weights, dtype)
+
+
+def derivative(fn: Callable) -> Callable:
+  """Elementwise derivative of an elementwise `fn` via one forward-mode pass."""
+  def d_fn(x):
+    return jax.jvp(fn, (x,), (jnp.ones_like(x),))[1]
+  return d_fn
+
+
+def expect_2d(f: Callable, g: Callable, k12, k11, k22, degree: int):
+  """E[f(u) g(v)] for (u, v) ~ N(0, [[k11, k12], [k12, k22]]), entrywise.
+
+  Writes u = s1 z1, v = s2 (rho z1 + sqrt(1 - rho^2) z2) with z1, z2 i.i.d.
+  N(0, 1) and applies a `degree`-point Gauss–Hermite rule to each. The outer
+  rule is a `lax.scan`, so memory is `degree` times the kernel's size.
+  """
+  k12 = jnp.asarray(k12)
+  dtype = jnp.result_type(k12, float)
+  k11, k22 = jnp.broadcast_to(k11, k12.shape), jnp.broadcast_to(k22, k12.shape)
+  rho, sigma1, sigma2, _, sin_theta = _correlation(k12, k11, k22)
+  nodes, weights = _probabilists_hermite(degree, dtype)
+
+  def outer_step(total, node_weight):
+    node, weight = node_weight
+    f_u = f(sigma1 * node)
+    v = sigma2[..., None] * ((rho * node)[..., None] + sin_theta[..., None] * nodes)
+    g_v = jnp.tensordot(g(v), weights, axes=1)
+    return total + weight * f_u * g_v, None
+
+  total, _ = jax.lax.scan(outer_step, jnp.zeros(k12.shape, dtype),
+                          (nodes, weights))
+  return total
+
+
+def expect_1d(f: Callable, k, degree: int):
+  """E[f(u)] for u ~ N(0, k), entrywise, by Gauss–Hermite quadrature."""
+  k = jnp.asarray(k)
+  nodes, weights = _probabilists_hermite(degree, jnp.result_type(k, float))
+  return jnp.tensordot(f(safe_sqrt(k)[..., None] * nodes), weights, axes=1)
+
+
+# ----------------------------------------------------------------------------
+# Closed forms. Each returns an Activation; the layer constructors in
+# `elementwise.py` wrap them.
+
+
+def ab_relu(a: float, b: float) -> Activation:
+  """phi(x) = a x (x < 0), b x (x >= 0).
+
+  Arc-cosine kernel of degree 1 (Cho & Saul 2009), with theta = arccos(rho):
+    E[phi(u) phi(v)] = (a - b)^2 / (2 pi) s1 s2 (sin theta + (pi - theta) rho)
+                       + a b k12,
+    E[phi' phi']     = (a - b)^2 (pi - theta) / (2 pi) + a b,
+    E[phi(u)]        = (b - a) sqrt(k / (2 pi)).
+  (Write phi = b relu(x) - a relu(-x) and use E[relu(u) relu(-v)] =
+  s1 s2 (sin theta - theta cos theta) / (2 pi).)
+  """
+  def nngp(k12, k11, k22):
+    rho, s1, s2, theta, sin_theta = _correlation(k12, k11, k22)
+    arc = s1 * s2 * (sin_theta + (jnp.pi - theta) * rho) / (2 * jnp.pi)
+    return (a - b)**2 * arc + a * b * k12
+
+  def ntk_factor(k12, k11, k22):
+    _, _, _, theta, _ = _correlation(k12, k11, k22)
+    return (a - b)**2 * (jnp.pi - theta) / (2 * jnp.pi) + a * b
+
+  def mean(k):
+    return (b - a) * safe_sqrt(k / (2 * jnp.pi))
+
+  return Activation(
+      name=f'ABRelu(a={a}, b={b})',
+      fn=lambda x: jnp.where(x < 0, a * x, b * x),
+      nngp=nngp, ntk_factor=ntk_factor, mean=mean)
+
+
+def erf(a: float, b: float, c: float) -> Activation:
+  """phi(x) = a erf(b x) + c (Williams 1997).
+
+    E[erf(b u) erf(b v)] = 2/pi arcsin(2 b^2 k12 / sqrt((1 + 2 b^2 k11)(1 + 2 b^2 k22)))
+    E[phi' phi']         = a^2 4 b^2 / pi / sqrt(det(I + 2 b^2 K))
+  and E[erf] = 0, so the constant c adds c^2 to the NNGP.
+  """
+  b2 = b * b
+
+  def nngp(k12, k11, k22):
+    denom = jnp.sqrt(1 + 2 * b2 * k11) * jnp.sqrt(1 + 2 * b2 * k22)
+    arg = jnp.clip(2 * b2 * k12 / denom, -1., 1.)
+    return a**2 * (2 / jnp.pi) * jnp.arcsin(arg) + c**2
+
+  def ntk_factor(k12, k11, k22):
+    det = (1 + 2 * b2 * k11) * (1 + 2 * b2 * k22) - 4 * b2**2 * k12**2
+    return a**2 * 4 * b2 / jnp.pi / jnp.sqrt(det)
+
+  return Activation(
+      name=f'Erf(a={a}, b={b}, c={c})',
+      fn=lambda x: a * jax.scipy.special.erf(b * x) + c,
+      nngp=nngp, ntk_factor=ntk_factor,
+      mean=lambda k: jnp.full(jnp.shape(k), c, jnp.result_type(k, float)))
+
+
+def sin(a: float, b: float, c: float) -> Activation:
+  """phi(x) = a sin(b x + c).
+
+  With sin A sin B = (cos(A - B) - cos(A + B)) / 2 and
+  E[cos(t w)] = exp(-t^2 Var(w) / 2) for centred Gaussian w:
+    E[phi(u) phi(v)] = a^2 / 2 (exp(-b^2 (k11 + k22 - 2 k12) / 2)
+                               - cos(2c) exp(-b^2 (k11 + k22 + 2 k12) / 2)),
+    E[phi' phi']     = a^2 b^2 / 2 (exp(-b^2 (k11 + k22 - 2 k12) / 2)
+                                   + cos(2c) exp(-b^2 (k11 + k22 + 2 k12) / 2)),
+    E[phi(u)]        = a sin(c) exp(-b^2 k / 2).
+  """
+  b2 = b * b
+
+  def pieces(k12, k11, k22):
+    minus = jnp.exp(-b2 * (k11 + k22 - 2 * k12) / 2)
+    plus = math.cos(2 * c) * jnp.exp(-b2 * (k11 + k22 + 2 * k12) / 2)
+    return minus, plus
+
+  def nngp(k12, k11, k22):
+    minus, plus = pieces(k12, k11, k22)
+    return a**2 / 2 * (minus - plus)
+
+  def ntk_factor(k12, k11, k22):
+    minus, plus = pieces(k12, k11, k22)
+    return a**2 * b2 / 2 * (minus + plus)
+
+  return Activation(
+      name=f'Sin(a={a}, b={b}, c={c})',
+      fn=lambda x: a * jnp.sin(b * x + c),
+      nngp=nngp, ntk_factor=ntk_factor,
+      mean=lambda k: a * math.sin(c) * jnp.exp(-b2 * k / 2))
+
+
+def exp(a: float, b: float) -> Activation:
+  """phi(x) = a exp(b x): the log-normal moments E[exp(b (u + v))].
+
+    E[phi(u) phi(v)] = a^2 exp(b^2 (k11 + k22 + 2 k12) / 2)
+    E[phi' phi']     = b^2 E[phi(u) phi(v)],   E[phi(u)] = a exp(b^2 k / 2).
+  """
+  def nngp(k12, k11, k22):
+    return a**2 * jnp.exp(b * b * (k11 + k22 + 2 * k12) / 2)
+
+  return Activation(
+      name=f'Exp(a={a}, b={b})',
+      fn=lambda x: a * jnp.exp(b * x),
+      nngp=nngp, ntk_factor=lambda *k: b * b * nngp(*k),
+      mean=lambda k: a * jnp.exp(b * b * k / 2))
+
+
+def gaussian(a: float, b: float) -> Activation:
+  """phi(x) = a exp(b x^2), finite for b < 1 / (2 max k).
+
+  Completing the square, with D = det(I - 2 b K)
+  = (1 - 2 b k11)(1 - 2 b k22) - 4 b^2 k12^2:
+    E[phi(u) phi(v)] = a^2 / sqrt(D),
+    E[phi' phi']     = 4 a^2 b^2 E[u v exp(b (u^2 + v^2))] = 4 a^2 b^2 k12 / D^(3/2),
+    E[phi(u)]        = a / sqrt(1 - 2 b k).
+  """
+  def det(k12, k11, k22):
+    return (1 - 2 * b * k11) * (1 - 2 * b * k22) - 4 * b * b * k12**2
+
+  return Activation(
+      name=f'Gaussian(a={a}, b={b})',
+      fn=lambda x: a * jnp.exp(b * x**2),
+      nngp=lambda *k: a**2 / jnp.sqrt(det(*k)),
+      ntk_factor=lambda k12, k11, k22: (
+          4 * a**2 * b**2 * k12 / det(k12, k11, k22)**1.5),
+      mean=lambda k: a / jnp.sqrt(1 - 2 * b * k))
+
+
+def sign() -> Activation:
+  """phi(x) = sign(x).
+
+    E[sign(u) sign(v)] = 2 / pi arcsin(rho)   (Grothendieck's identity).
+  The NTK factor is 0: phi' = 0 almost everywhere, which is also what
+  automatic differentiation gives a finite network, so the infinite-width NTK
+  is the limit of the finite networks' empirical NTK.
+  """
+  def nngp(k12, k11, k22):
+    theta = _correlation(k12, k11, k22)[3]
+    return 1 - 2 / jnp.pi * theta  # = 2/pi arcsin(rho), finite gradient at |rho| = 1
+
+  return Activation(
+      name='Sign()', fn=jnp.sign, nngp=nngp,
+      ntk_factor=lambda k12, k11, k22: jnp.zeros_like(k12 + k11 + k22),
+      mean=lambda k: jnp.zeros_like(k))
+
+
+# ---- Polynomials (Isserlis' theorem). ---------------------------------------
+
+
+def _double_factorial_odd(m: int) -> int:
+  """(m - 1)!! for even m >= 0 (the m-th moment of N(0, 1)); 0 for odd m."""
+  if m % 2:
+    return 0
+  return math.prod(range(m - 1, 0, -2)) if m > 0 else 1
+
+
+def _mixed_moment(i: int, j: int, k12, k11, k22):
+  """E[u^i v^j] for a centred Gaussian pair (Isserlis' theorem).
+
+  Pair `p` of the u's with `p` of the v's (C(i,p) C(j,p) p! ways, each
+  k12^p), then the remaining u's among themselves ((i-p-1)!! ways, k11 each
+  pair) and likewise the v's.
+  """
+  total = 0.
+  for p in range(min(i, j) + 1):
+    if (i - p) % 2 or (j - p) % 2:
+      continue
+    count = (math.comb(i, p) * math.comb(j, p) * math.factorial(p)
+             * _double_factorial_odd(i - p) * _double_factorial_odd(j - p))
+    total = total + count * k12**p * k11**((i - p) // 2) * k22**((j - p) // 2)
+  return total
+
+
+def _polynomial_expectation(coef_f, coef_g, k12, k11, k22):
+  total = jnp.zeros_like(k12 + k11 + k22)
+  for i, ci in enumerate(coef_f):
+    for j, cj in enumerate(coef_g):
+      if ci != 0 and cj != 0:
+        total = total + ci * cj * _mixed_moment(i, j, k12, k11, k22)
+  return total
+
+
+def polynomial(coef: Sequence[float], name: Optional[str] = None) -> Activation:
+  """phi(x) = sum_i coef[i] x^i, exact for any covariance (Isserlis).
+
+    E[phi(u) phi(v)] = sum_ij c_i c_j E[u^i v^j],
+    E[phi' phi']     = the same with the derivative's coefficients,
+    E[phi(u)]        = sum_i c_i (i - 1)!! k^(i/2)   (even i).
+  """
+  coef = tuple(float(c) for c in coef)
+  d_coef = tuple(i * c for i, c in enumerate(coef))[1:]
+
+  def fn(x):
+    return sum(c * x**i for i, c in enumerate(coef) if c != 0) + 0. * x
+
+  def mean(k):
+    return sum(c * _double_factorial_odd(i) * k**(i // 2)
+               for i, c in enumerate(coef) if c != 0 and i % 2 == 0) + 0. * k
+
+  return Activation(
+      name=name or f'Polynomial(coef={list(coef)})', fn=fn,
+      nngp=lambda *k: _polynomial_expectation(coef, coef, *k),
+      ntk_factor=lambda *k: _polynomial_expectation(d_coef, d_coef, *k),
+      mean=mean)
+
+
+# ---- Rectified monomials (arc-cosine kernels of any degree). ----------------
+
+
+def _arccos_polynomials(n: int):
+  """Polynomials A_n, B_n with J_n(theta) = A_n(rho) (pi - theta) + B_n(rho) sin(theta).
+
+  J_n is Cho & Saul's (2009) arc-cosine function, defined by
+  E[relu(u)^n relu(v)^n] = (s1 s2)^n J_n(theta) / (2 pi). Since
+  J_n = sin(theta)^(2n+1) (d/d rho)^n [(pi - theta) / sin(theta)], one
+  differentiation gives the recurrence
+    A_{n+1} = (1 - rho^2) A_n' + (2n + 1) rho A_n,
+    B_{n+1} = A_n + (1 - rho^2) B_n' + 2 n rho B_n,
+  from A_0 = 1, B_0 = 0 (J_0 = pi - theta, J_1 = sin + (pi - theta) cos).
+  """
+  poly = np.polynomial.Polynomial
+  one_minus_rho2 = poly([1., 0., -1.])
+  rho = poly([0., 1.])
+  a, b = poly([1.]), poly([0.])
+  for m in range(n):
+    a, b = (one_minus_rho2 * a.deriv() + (2 * m + 1) * rho * a,
+            a + one_minus_rho2 * b.deriv() + 2 * m * rho * b)
+  return tuple(a.coef), tuple(b.coef)
+
+
+def _arccos_kernel(n: int, k12, k11, k22):
+  """E[relu(u)^n relu(v)^n] = (s1 s2)^n J_n(theta) / (2 pi)."""
+  rho, s1, s2, theta, sin_theta = _correlation(k12, k11, k22)
+  a, b = _arccos_polynomials(n)
+  a_val = jnp.polyval(jnp.asarray(a[::-1], rho.dtype), rho)
+  b_val = jnp.polyval(jnp.asarray(b[::-1], rho.dtype), rho)
+  j_n = a_val * (jnp.pi - theta) + b_val * sin_theta
+  return (s1 * s2)**n * j_n / (2 * jnp.pi)
+
+
+def rectified_monomial(degree: int) -> Activation:
+  """phi(x) = relu(x)^degree (degree 0 is the step function).
+
+    E[phi(u) phi(v)] = (s1 s2)^n J_n(theta) / (2 pi)            (Cho & Saul)
+    E[phi' phi']     = n^2 (s1 s2)^(n-1) J_{n-1}(theta) / (2 pi) (0 for n = 0)
+    E[phi(u)]        = E|z|^n / 2 k^(n/2) = 2^(n/2 - 1) Gamma((n+1)/2) / sqrt(pi) k^(n/2)
+  """
+  n = int(degree)
+  half_abs_moment = 2**(n / 2 - 1) * math.gamma((n + 1) / 2) / math.sqrt(math.pi)
+
+  def ntk_factor(k12, k11, k22):
+    if n == 0:
+      return jnp.zeros_like(k12 + k11 + k22)
+    return n**2 * _arccos_kernel(n - 1, k12, k11, k22)
+
+  return Activation(
+      name=f'RectifiedMonomial(degree={n})',
+      fn=lambda x: jnp.where(x > 0, x, 0.)**n if n else (x > 0).astype(
+          jnp.result_type(x, float)),
+      nngp=lambda *k: _arccos_kernel(n, *k),
+      ntk_factor=ntk_factor,
+      mean=lambda k: half_abs_moment * safe_sqrt(k)**n)
+
+
+# ---- Quadrature-only activations. -------------------------------------------
+
+
+def numerical(fn: Callable, name: str, degree: int = DEFAULT_QUADRATURE_DEGREE,
+              nngp: Optional[Callable] = None,
+              ntk_factor: Optional[Callable] = None) -> Activation:
+  """Any scalar `fn`; expectations by quadrature unless `nngp` is given."""
+  return Activation(name=name, fn=fn, nngp=nngp, ntk_factor=ntk_factor,
+                    degree=int(degree))

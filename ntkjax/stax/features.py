@@ -1,0 +1,342 @@
+"""Exact kernels beyond Gaussian inputs: the algebra of a layer's features.
+
+At infinite width every channel of a layer is an independent copy of one
+random variable. Right after an affine layer that variable is a Gaussian
+field `z`; after nonlinearities and branches it is, in every case this module
+handles, a *sum of independent terms*, each an elementwise function `f_k` of
+one Gaussian field `z_k` (different affine layers draw independent weights,
+so their fields are independent):
+
+    h = sum_k f_k(z_k).
+
+This is what lets ntkjax go where the reference library stops:
+
+* `Relu` then `Erf`: the chain is one elementwise map `erf(relu(z))` of the
+  Gaussian `z`, so E[h h'] is a 2-d Gaussian integral (quadrature).
+* `x + Relu(Dense(x))` (FanInSum of non-Gaussian branches): independence gives
+      E[h h'] = sum_k Cov_k + (sum_k m_k)(sum_k m'_k)^T,
+  with Cov_k = E[f_k f_k'] - m_k m_k'^T and m_k = E[f_k(z_k)] the means.
+  Branches of the *same* field (after `FanOut`) are merged into one map
+  `f_a + f_b` of that field first.
+* NTK: parameters feeding different fields contribute independently (the
+  cross terms vanish as 1/sqrt(width)), so NTKs of independent terms add; for
+  one map of one field it is  ntk(z) * E[f'(u) f'(v)].
+
+Cases with no finite description in these terms (a nonlinearity applied to
+the sum of several independent non-Gaussian terms, i.e. a 2k-dimensional
+integral) raise a `KernelError` that names the layer and says what to write.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import jax.numpy as jnp
+
+from ntkjax.kernel import Kernel, Source, Term, new_source_id
+from ntkjax.stax import dual
+
+
+class KernelError(ValueError):
+  """A layer cannot continue from the kernel it received."""
+
+
+# ----------------------------------------------------------------------------
+# Elementwise maps from a Gaussian field to a term of the features. Instances
+# are static (pytree metadata), compared by identity.
+
+
+class Fn:
+  """An elementwise map. Subclasses say how much of it has closed forms."""
+  degree: int = dual.DEFAULT_QUADRATURE_DEGREE
+
+  def __call__(self, x):
+    raise NotImplementedError
+
+
+class Linear(Fn):
+  """x -> scale * x (an identity branch, or several identity branches summed)."""
+
+  def __init__(self, scale: float = 1.):
+    self.scale = scale
+
+  def __call__(self, x):
+    return self.scale * x
+
+
+class Scaled(Fn):
+  """x -> out_scale * act(in_scale * x): closed forms apply if `act` has them."""
+
+  def __init__(self, act: dual.Activation, out_scale: float = 1.,
+               in_scale: float = 1.):
+    self.act, self.out_scale, self.in_scale = act, out_scale, in_scale
+    self.degree = act.degree
+
+  def __call__(self, x):
+    return self.out_scale * self.act.fn(self.in_scale * x)
+
+
+class Composite(Fn):
+  """Any other elementwise map (chains, sums, products): quadrature only."""
+
+  def __init__(self, call: Callable, degree: int):
+    self.call, self.degree = call, degree
+
+  def __call__(self, x):
+    return self.call(x)
+
+
+def compose(act: dual.Activation, inner: Fn) -> Fn:
+  """The map x -> act(inner(x))."""
+  if isinstance(inner, Linear):
+    return Scaled(act, 1., inner.scale)
+  degree = max(act.degree, inner.degree)
+  return Composite(lambda x: act.fn(inner(x)), degree)
+
+
+def add_maps(maps: Sequence[Fn]) -> Fn:
+  """The map x -> sum_k maps[k](x) (branches of one field added)."""
+  if all(isinstance(m, Linear) for m in maps):
+    return Linear(sum(m.scale for m in maps))
+  first = maps[0]
+  if (isinstance(first, Scaled) and all(
+      isinstance(m, Scaled) and m.act is first.act
+      and m.in_scale == first.in_scale for m in maps)):
+    return Scaled(first.act, sum(m.out_scale for m in maps), first.in_scale)
+  return Composite(lambda x: sum(m(x) for m in maps),
+                   max(m.degree for m in maps))
+
+
+def multiply_maps(maps: Sequence[Fn]) -> Fn:
+  """The map x -> prod_k maps[k](x) (branches of one field multiplied)."""
+  if all(isinstance(m, Linear) for m in maps):
+    scale = 1.
+    for m in maps:
+      scale *= m.scale
+    monomial = dual.polynomial([0.] * len(maps) + [1.],
+                               name=f'Monomial(degree={len(maps)})')
+    return Scaled(monomial, scale, 1.)
+
+  def product(x):
+    out = maps[0](x)
+    for m in maps[1:]:
+      out = out * m(x)
+    return out
+  return Composite(product, max(m.degree for m in maps))
+
+
+# ----------------------------------------------------------------------------
+# Moments of one term f(z).
+
+
+def new_source(nngp, ntk, cov1, cov2, components: Optional[frozenset] = None,
+               **kwargs) -> Source:
+  """A Source with a fresh id; by default a new independent Gaussian field."""
+  source_id = new_source_id()
+  if components is None:
+    components = frozenset([source_id])
+  return Source(nngp, ntk, cov1, cov2, source_id=source_id,
+                components=components, **kwargs)
+
+
+def term_of(source: Source, fn: Fn) -> Term:
+  """Moments (NNGP, NTK, diagonals, means) of the term fn(z), z ~ source."""
+  components = source.components
+  if isinstance(fn, Linear):
+    s = fn.scale
+    mean1 = (jnp.zeros_like(source.cov1) if source.mean1 is None
+             else s * source.mean1)
+    mean2 = (jnp.zeros_like(source.cov2) if source.mean2 is None
+             else s * source.mean2)
+    return Term(s**2 * source.nngp, s**2 * source.ntk, s**2 * source.cov1,
+                s**2 * source.cov2, mean1, mean2, source=source, fn=fn,
+                components=components)
+
+  k12 = source.nngp
+  k11, k22 = source.cov1[:, None], source.cov2[None, :]
+  degree_1d = max(fn.degree, 64)  # 1-d rules are cheap: use more nodes.
+  if isinstance(fn, Scaled) and fn.act.has_closed_form:
+    act, a, s2 = fn.act, fn.out_scale, fn.in_scale**2
+    ntk_factor = act.ntk_factor_or_derived()
+    diagonal = lambda cov: a**2 * act.nngp(s2 * cov, s2 * cov, s2 * cov)
+    if act.mean is not None:
+      mean = lambda cov: a * act.mean(s2 * cov)
+    else:
+      mean = lambda cov: dual.expect_1d(fn, cov, degree_1d)
+    return Term(
+        nngp=a**2 * act.nngp(s2 * k12, s2 * k11, s2 * k22),
+        ntk=source.ntk * (a**2 * s2) * ntk_factor(s2 * k12, s2 * k11, s2 * k22),
+        cov1=diagonal(source.cov1), cov2=diagonal(source.cov2),
+        mean1=mean(source.cov1), mean2=mean(source.cov2),
+        source=source, fn=fn, components=components)
+
+  d_fn = dual.derivative(fn)
+  square = lambda x: fn(x)**2
+  return Term(
+      nngp=dual.expect_2d(fn, fn, k12, k11, k22, fn.degree),
+      ntk=source.ntk * dual.expect_2d(d_fn, d_fn, k12, k11, k22, fn.degree),
+      cov1=dual.expect_1d(square, source.cov1, degree_1d),
+      cov2=dual.expect_1d(square, source.cov2, degree_1d),
+      mean1=dual.expect_1d(fn, source.cov1, degree_1d),
+      mean2=dual.expect_1d(fn, source.cov2, degree_1d),
+      source=source, fn=fn, components=components)
+
+
+def _is_gaussian_term(term: Term) -> bool:
+  return (isinstance(term.fn, Linear) and term.source is not None
+          and not term.source.is_input)
+
+
+def kernel_from_terms(terms: Sequence[Term], like: Kernel, **changes) -> Kernel:
+  """A Kernel whose features are the sum of the independent `terms`."""
+  terms = tuple(terms)
+  if len(terms) == 1:
+    t = terms[0]
+    nngp, ntk, cov1, cov2 = t.nngp, t.ntk, t.cov1, t.cov2
+  else:
+    mean1 = sum(t.mean1 for t in terms)
+    mean2 = sum(t.mean2 for t in terms)
+    nngp = sum(t.nngp - t.mean1[:, None] * t.mean2[None, :] for t in terms)
+    nngp = nngp + mean1[:, None] * mean2[None, :]
+    cov1 = sum(t.cov1 - t.mean1**2 for t in terms) + mean1**2
+    cov2 = sum(t.cov2 - t.mean2**2 for t in terms) + mean2**2
+    ntk = sum(t.ntk for t in terms)
+  is_gaussian = all(_is_gaussian_term(t) for t in terms)
+  return like.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, terms=terms,
+                      is_gaussian=is_gaussian, **changes)
+
+
+def collapse(kernel: Kernel) -> Term:
+  """The whole features of `kernel` as one opaque term (no source)."""
+  terms = kernel.terms
+  return Term(kernel.nngp, kernel.ntk, kernel.cov1, kernel.cov2,
+              sum(t.mean1 for t in terms), sum(t.mean2 for t in terms),
+              components=frozenset().union(*(t.components for t in terms)))
+
+
+def gaussian_kernel(nngp, ntk, cov1, cov2, like: Kernel, **changes) -> Kernel:
+  """The Kernel of a fresh Gaussian field (the output of an affine layer)."""
+  source = new_source(nngp, ntk, cov1, cov2)
+  return kernel_from_terms([term_of(source, Linear(1.))], like,
+                           is_input=False, **changes)
+
+
+def _require_independent(groups: Sequence[Sequence[Term]], layer: str):
+  """Raise unless the groups of terms depend on disjoint Gaussian fields."""
+  seen: frozenset = frozenset()
+  for group in groups:
+    components = frozenset().union(*(t.components for t in group))
+    if components & seen:
+      raise KernelError(
+          f'{layer}: two branches depend on the same Gaussian field through '
+          'different nonlinear paths (e.g. z and Relu(z + Dense(z))), so the '
+          'combined features are not a sum/product of independent terms and '
+          'their kernel is not a function of the branch kernels. Combine '
+          'branches of one field before any nonlinearity mixes it with another '
+          'field, or put a Dense layer in the branch.')
+    seen |= components
+
+
+# ----------------------------------------------------------------------------
+# Layers' kernel rules on features.
+
+
+def apply_elementwise(kernel: Kernel, act: dual.Activation,
+                      layer: str) -> Kernel:
+  """Kernel of act(h) for the features h described by `kernel`."""
+  terms = kernel.terms
+  if any(t.source is not None and t.source.is_input for t in terms):
+    raise KernelError(
+        f'{layer} is applied to the raw inputs (or to a sum that contains '
+        'them). Inputs are fixed vectors, not Gaussian pre-activations, so the '
+        'infinite-width kernel of a nonlinearity of them is not a function of '
+        'their kernel. Put a Dense (or Conv) layer before the nonlinearity.')
+  if len(terms) == 1 and terms[0].source is not None:
+    term = terms[0]
+    return kernel_from_terms([term_of(term.source, compose(act, term.fn))],
+                             kernel)
+  if kernel.is_gaussian:
+    # A sum of independent zero-mean Gaussian fields is one Gaussian field.
+    source = new_source(
+        kernel.nngp, kernel.ntk, kernel.cov1, kernel.cov2,
+        components=frozenset().union(*(t.components for t in terms)))
+    return kernel_from_terms([term_of(source, compose(act, Linear(1.)))],
+                             kernel)
+  if any(t.source is None for t in terms):
+    why = ('its input is a product of independent branches or a '
+           'concatenation of branches with different distributions (FanInProd '
+           'or FanInConcat)')
+  else:
+    why = (f'its input is a sum of {len(terms)} independent fields, not all '
+           'Gaussian (FanInSum of non-Gaussian branches)')
+  raise KernelError(
+      f'{layer}: {why}. Its infinite-width kernel would be an expectation over '
+      'several independent non-Gaussian variables, which has no finite '
+      'closed or quadrature form here. Put a Dense (or Conv) layer before '
+      f'{layer}, e.g. a pre-activation residual block '
+      'x + Dense(Relu(Dense(x))) instead of Relu(x + Relu(Dense(x))).')
+
+
+def fan_in_sum(kernels: Sequence[Kernel]) -> Kernel:
+  """Kernel of the sum of the branches' features."""
+  groups: dict = {}
+  for k in kernels:
+    for t in k.terms:
+      # Opaque terms cannot be merged, so each is its own group (and if one
+      # appears twice, the independence check below says so).
+      key = ('opaque', len(groups)) if t.source is None else t.source.source_id
+      groups.setdefault(key, []).append(t)
+  _require_independent(list(groups.values()), 'FanInSum')
+  terms = []
+  for group in groups.values():
+    if len(group) == 1:
+      terms.append(group[0])
+    else:
+      terms.append(term_of(group[0].source, add_maps([t.fn for t in group])))
+  return kernel_from_terms(terms, kernels[0],
+                           is_input=all(k.is_input for k in kernels))
+
+
+def fan_in_prod(kernels: Sequence[Kernel]) -> Kernel:
+  """Kernel of the elementwise product of the branches' features."""
+  single = all(len(k.terms) == 1 and k.terms[0].source is not None
+               for k in kernels)
+  if single and len({k.terms[0].source.source_id for k in kernels}) == 1:
+    source = kernels[0].terms[0].source
+    if source.is_input:
+      raise KernelError(
+          'FanInProd multiplies the raw inputs with themselves; the kernel of '
+          'such features is not a function of the input kernel. Put a Dense '
+          'layer in each branch first.')
+    fn = multiply_maps([k.terms[0].fn for k in kernels])
+    return kernel_from_terms([term_of(source, fn)], kernels[0], is_input=False)
+
+  _require_independent([k.terms for k in kernels], 'FanInProd')
+  # Independent branches: moments multiply; NTK by the product rule.
+  parts = [collapse(k) for k in kernels]
+  nngp, cov1, cov2, mean1, mean2 = 1., 1., 1., 1., 1.
+  for p in parts:
+    nngp, cov1, cov2 = nngp * p.nngp, cov1 * p.cov1, cov2 * p.cov2
+    mean1, mean2 = mean1 * p.mean1, mean2 * p.mean2
+  ntk = 0.
+  for i, p in enumerate(parts):
+    others = 1.
+    for j, q in enumerate(parts):
+      if j != i:
+        others = others * q.nngp
+    ntk = ntk + p.ntk * others
+  components = frozenset().union(*(p.components for p in parts))
+  term = Term(nngp, ntk, cov1, cov2, mean1, mean2, components=components)
+  return kernel_from_terms([term], kernels[0], is_input=False)
+
+
+def fan_in_concat(kernels: Sequence[Kernel], widths: Sequence[int]) -> Kernel:
+  """Kernel of the channel-wise concatenation: a width-weighted average."""
+  total = float(sum(widths))
+  weights = [w / total for w in widths]
+  parts = [collapse(k) for k in kernels]
+  avg = lambda name: sum(w * getattr(p, name) for w, p in zip(weights, parts))
+  components = frozenset().union(*(p.components for p in parts))
+  term = Term(avg('nngp'), avg('ntk'), avg('cov1'), avg('cov2'),
+              avg('mean1'), avg('mean2'), components=components)
+  return kernel_from_terms([term], kernels[0], is_input=False)

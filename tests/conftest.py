@@ -1,0 +1,100 @@
+"""Shared test helpers: float64, and Monte Carlo estimates of kernels.
+
+The Monte Carlo estimates are independent of ntkjax's kernel code: they
+average, over random initializations, the empirical kernels of the *finite*
+network built from the same definition,
+
+    NNGP_emp(x, y) = f(x) . f(y) / n_out,
+    NTK_emp(x, y)  = sum_p df(x)/dp . df(y)/dp / n_out   (autodiff Jacobians),
+
+which converge to the infinite-width kernels as the hidden widths grow.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+jax.config.update('jax_enable_x64', True)
+
+
+def empirical_nngp(apply_fn, params, x1, x2):
+  """Channel-averaged f(x1) f(x2)^T of one finite network."""
+  f1, f2 = apply_fn(params, x1), apply_fn(params, x2)
+  return f1 @ f2.T / f1.shape[-1]
+
+
+def empirical_ntk(apply_fn, params, x1, x2):
+  """J(x1) J(x2)^T averaged over output channels, with autodiff Jacobians."""
+  def jac(x):
+    return jax.jacrev(lambda p: apply_fn(p, x))(params)
+  j1, j2 = jac(x1), jac(x2)
+
+  def contract(a, b):
+    a = a.reshape(a.shape[0] * a.shape[1], -1)
+    b = b.reshape(b.shape[0] * b.shape[1], -1)
+    return a @ b.T
+  leaves1, leaves2 = jax.tree.leaves(j1), jax.tree.leaves(j2)
+  n1, n_out = x1.shape[0], leaves1[0].shape[1]
+  n2 = x2.shape[0]
+  total = sum(contract(a, b) for a, b in zip(leaves1, leaves2))
+  total = total.reshape(n1, n_out, n2, n_out)
+  return jnp.einsum('iaja->ij', total) / n_out
+
+
+def monte_carlo(network, x1, x2, key, n_seeds, get=('nngp',)):
+  """Mean and standard error over `n_seeds` initializations.
+
+  Args:
+    network: a `Layer` (init_fn, apply_fn, kernel_fn).
+    x1, x2: inputs.
+    key: PRNG key.
+    n_seeds: number of independent initializations.
+    get: which of 'nngp', 'ntk' to estimate.
+
+  Returns:
+    dict name -> (mean, standard_error), arrays of shape (N1, N2).
+  """
+  init_fn, apply_fn, _ = network
+  estimators = {'nngp': empirical_nngp, 'ntk': empirical_ntk}
+  samples = {name: [] for name in get}
+  jitted = {name: jax.jit(lambda p, a, b, f=estimators[name]: f(apply_fn, p, a, b))
+            for name in get}
+  for seed_key in jax.random.split(key, n_seeds):
+    _, params = init_fn(seed_key, (-1, x1.shape[-1]))
+    for name in get:
+      samples[name].append(np.asarray(jitted[name](params, x1, x2)))
+  out = {}
+  for name, values in samples.items():
+    values = np.stack(values)
+    out[name] = (values.mean(0), values.std(0, ddof=1) / np.sqrt(n_seeds))
+  return out
+
+
+def assert_monte_carlo_close(estimate, exact, width, label=''):
+  """Monte Carlo mean within its statistical error of the exact kernel.
+
+  Tolerance: 5 standard errors (the seed-to-seed spread; a false alarm at 5
+  sigma is ~1e-6 per entry) plus the finite-width bias of the empirical
+  kernel, which is O(1/width) (Yaida 2020; Hanin & Nica 2020); we allow
+  8 / width relative to the kernel's scale.
+  """
+  mean, stderr = estimate
+  exact = np.asarray(exact)
+  scale = np.max(np.abs(exact))
+  tolerance = 5 * stderr + 8 / width * scale
+  error = np.abs(mean - exact)
+  worst = np.max(error - tolerance)
+  assert worst <= 0, (
+      f'{label}: Monte Carlo disagrees with kernel_fn: max error '
+      f'{np.max(error):.4g}, tolerance {np.min(tolerance):.4g}..'
+      f'{np.max(tolerance):.4g}\nexact=\n{exact}\nmc=\n{mean}')
+
+
+@pytest.fixture
+def inputs():
+  """Two small batches of inputs with different norms (float64)."""
+  key1, key2 = jax.random.split(jax.random.PRNGKey(7))
+  x1 = jax.random.normal(key1, (4, 6))
+  x2 = 1.5 * jax.random.normal(key2, (3, 6))
+  return x1, x2
