@@ -81,10 +81,10 @@ SMOOTH_CLOSED = {
 def test_closed_form_layer_equals_quadrature_layer(name, inputs):
   """Through Dense -> act -> Dense, closed form == ElementwiseNumerical(deg=200).
 
-  Gauss–Hermite converges spectrally for these entire functions, but more
-  slowly as the pre-activation variance grows (here up to ~4, where 200 nodes
-  are converged to ~1e-14 and 80 nodes only to ~1e-9), so 1e-8 relative is a
-  strict check of the closed forms in context.
+  The quadrature converges spectrally for these entire functions, more slowly
+  as the pre-activation variance grows (here up to ~4, where degree 200 is
+  converged to ~1e-14), so 1e-8 relative is a strict check of the closed
+  forms in context.
   """
   x1, x2 = inputs
   closed, fn = SMOOTH_CLOSED[name]

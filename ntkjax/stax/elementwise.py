@@ -2,8 +2,8 @@
 
 Each layer applies `phi` in the finite network; its kernel map is
 `features.apply_elementwise`, which uses the closed forms of `dual.py` when
-`phi` acts directly on a Gaussian field, and Gauss–Hermite quadrature of the
-composed map otherwise (e.g. `Relu` followed by `Erf`).
+`phi` acts directly on a Gaussian field, and quadrature (polar, split at the
+kinks) of the composed map otherwise (e.g. `Relu` followed by `Erf`).
 
 | layer                    | phi(x)                               | kernel       |
 |--------------------------|--------------------------------------|--------------|
@@ -224,12 +224,13 @@ def _with_derivative(fn: Callable, df: Optional[Callable]) -> Callable:
 
 def ElementwiseNumerical(fn: Callable, deg: int = dual.DEFAULT_QUADRATURE_DEGREE,
                          df: Optional[Callable] = None) -> Layer:
-  """Any elementwise `fn`, kernels by `deg`-point Gauss–Hermite quadrature.
+  """Any elementwise `fn`, kernels by quadrature of degree `deg`.
 
   Args:
     fn: elementwise function (jnp).
-    deg: quadrature degree per dimension (cost ~ deg^2 per kernel entry).
-      Smooth functions converge fast; kinks (ReLU-like) slowly.
+    deg: quadrature degree (cost 2 deg^2 evaluations per kernel entry). The
+      rule is split where the arguments cross 0, so functions smooth away
+      from 0 (including kinks at 0, like ReLU) converge spectrally.
     df: its derivative; default `jax.jvp` of `fn`.
   """
   if not isinstance(deg, (int, np.integer)) or deg < 1:
