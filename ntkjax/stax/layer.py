@@ -199,17 +199,15 @@ class KernelFn:
       'cov2'), or a tuple of names (returns a named tuple).
 
   Returns:
-    The requested kernel(s). Calls are compiled with `jax.jit` (keyed on
-    shapes and `get`); wrapping the call in your own `jit`/`grad` also works.
+    The requested kernel(s). Calls run op by op; for speed wrap them in
+    `jax.jit(kernel_fn, static_argnames='get')` (as with neural-tangents).
+    Not jitting by default keeps very deep networks cheap to call once: XLA's
+    compile time grows faster than linearly with depth.
   """
 
   def __init__(self, kernel_map: KernelMap, name: str):
     self.kernel_map = kernel_map
     self.name = name
-    self._compiled = jax.jit(self._from_inputs, static_argnames=('get',))
-
-  def _from_inputs(self, x1, x2, get):
-    return select(self.kernel_map(input_kernel(x1, x2)), get)
 
   def __call__(self, x1, x2=None, get: Get = None, **kwargs):
     if kwargs:
@@ -221,7 +219,7 @@ class KernelFn:
         raise ValueError('kernel_fn: pass x2=None when x1 is a Kernel.')
       return select(self.kernel_map(x1), get)
     x1, x2 = _canonical_inputs(x1, x2)
-    return self._compiled(x1, x2, get)
+    return select(self.kernel_map(input_kernel(x1, x2)), get)
 
   def __repr__(self):
     return f'<kernel_fn of {self.name}>'
