@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import sys
 import time
 from typing import Callable, Sequence
@@ -42,40 +41,48 @@ def make_inputs(n: int, d: int, seed: int = 0):
   return jnp.asarray(x1), jnp.asarray(x2)
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-  """Median wall time of `fn()` after one untimed warm-up call.
+def time_interleaved(fns: Sequence[Callable[[], object]],
+                     repeats: int) -> list:
+  """Wall times of several callables, alternating between them.
+
+  On a small shared machine other processes come and go within seconds;
+  alternating (f, g, f, g, ...) exposes every callable to the same load, so
+  ratios between them stay meaningful even when absolute times do not.
 
   Args:
-    fn: a zero-argument callable returning jax arrays (or pytrees of them).
-    repeats: number of timed calls.
+    fns: zero-argument callables returning jax arrays.
+    repeats: timed calls of each.
 
   Returns:
-    The median time in seconds. Each call is followed by
-    `jax.block_until_ready`, because jax dispatches asynchronously and an
-    unblocked timer would only measure the dispatch.
+    One list of `repeats` times (seconds) per callable, in order. Each call
+    is followed by `jax.block_until_ready`, because jax dispatches
+    asynchronously and an unblocked timer would only measure the dispatch;
+    each callable is called once untimed first (compilation, allocation).
   """
-  jax.block_until_ready(fn())  # compile + first-touch allocations
-  times = []
+  for fn in fns:
+    jax.block_until_ready(fn())  # compile + first-touch allocations
+  times = [[] for _ in fns]
   for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    for fn, fn_times in zip(fns, times):
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      fn_times.append(time.perf_counter() - start)
+  return times
 
 
-def gemm_seconds(x1, x2, repeats: int) -> float:
-  """Median time of the bare `x1 @ x2.T` (jitted, float32, HIGHEST precision).
+def gemm_fn(x1, x2) -> Callable[[], object]:
+  """The bare `x1 @ x2.T` (jitted, float32, HIGHEST precision), to be timed.
 
   Args:
     x1, x2: `(N, d)` inputs.
-    repeats: number of timed calls.
 
   Returns:
-    Median seconds; the floor any kernel computation on these inputs pays.
+    A zero-argument callable; its time is the floor any kernel computation on
+    these inputs pays.
   """
   gemm = jax.jit(lambda a, b: jnp.matmul(
       a, b.T, precision=jax.lax.Precision.HIGHEST))
-  return median_seconds(lambda: gemm(x1, x2), repeats)
+  return lambda: gemm(x1, x2)
 
 
 def peak_rss_mib() -> float:
@@ -103,6 +110,9 @@ def machine_info() -> dict:
     jaxlib_version = None
   device = jax.devices()[0]
   return {
+      # Other processes on a small shared machine skew timings; the load
+      # average at the end of the run tells a reader whether to trust them.
+      'loadavg_1min': round(os.getloadavg()[0], 2),
       'cpu_count': os.cpu_count(),
       'platform': platform.platform(),
       'processor': platform.processor() or platform.machine(),

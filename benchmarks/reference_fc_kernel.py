@@ -22,7 +22,8 @@ ntkjax. Create the venv with (Python 3.11):
 
 and run it from the repository root:
 
-    /tmp/nt_ref_venv/bin/python benchmarks/reference_fc_kernel.py [--sizes 1000 4000 | --quick]
+    /tmp/nt_ref_venv/bin/python benchmarks/reference_fc_kernel.py \
+        [--sizes 1000 4000 | --quick]
 
 Output: benchmarks/results/fc_kernel_reference_<backend>.json, with the same
 per-case fields as ours (benchmarks/run_all.py puts them side by side).
@@ -30,86 +31,41 @@ per-case fields as ours (benchmarks/run_all.py puts them side by side).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-# Run as a script: make `_common` (next to this file) importable.
+# Run as a script: make the helpers next to this file importable.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 
-import _common  # noqa: E402
+import _fc_protocol as protocol  # noqa: E402
 
 try:
   import neural_tangents as nt  # noqa: E402
   from neural_tangents import stax  # noqa: E402
 except ImportError:
   sys.exit('reference_fc_kernel.py needs neural-tangents; run it with the '
-           'reference venv (see this file\'s docstring), e.g. '
+           "reference venv (see this file's docstring), e.g. "
            '/tmp/nt_ref_venv/bin/python benchmarks/reference_fc_kernel.py')
 
-D = 784
-DEPTH = 3
-WIDTH = 512
-W_STD, B_STD = 1.5, 0.05
-GET = ('nngp', 'ntk')
-ACTIVATIONS = {'Relu': stax.Relu, 'Erf': stax.Erf}
-COLUMNS = ('activation', 'N', 'kernel_seconds_median', 'gemm_seconds_median',
-           'ratio_to_gemm', 'peak_rss_mib')
 
-
-def build(act_layer, depth: int = DEPTH):
-  """The benchmark network in neural-tangents, jitted as its docs advise.
+def build(act_name: str):
+  """neural-tangents' kernel_fn for the network, jitted as its docs advise.
 
   Args:
-    act_layer: a layer constructor, e.g. `stax.Relu`.
-    depth: number of hidden (Dense, Act) blocks.
+    act_name: 'Relu' or 'Erf'.
 
   Returns:
     `jax.jit(kernel_fn, static_argnames='get')`.
   """
-  layers = []
-  for _ in range(depth):
-    layers += [stax.Dense(WIDTH, W_std=W_STD, b_std=B_STD), act_layer()]
-  layers.append(stax.Dense(1, W_std=W_STD, b_std=B_STD))
-  _, _, kernel_fn = stax.serial(*layers)
+  _, _, kernel_fn = stax.serial(*protocol.network_layers(stax, act_name))
   return jax.jit(kernel_fn, static_argnames='get')
 
 
-def repeats_for(n: int) -> int:
-  """Timed repeats, as in bench_fc_kernel.py."""
-  return 5 if n <= 1000 else 3
-
-
-def run_case(name: str, n: int, x1, x2, gemm_time: float) -> dict:
-  """Time one (activation, N) case.
-
-  Args:
-    name: key of `ACTIVATIONS`.
-    n: batch size.
-    x1, x2: the `(n, D)` inputs.
-    gemm_time: median seconds of the bare GEMM on the same inputs.
-
-  Returns:
-    The result record for the JSON file.
-  """
-  kernel_fn = build(ACTIVATIONS[name])
-  seconds = _common.median_seconds(lambda: kernel_fn(x1, x2, get=GET),
-                                   repeats_for(n))
-  return {
-      'activation': name,
-      'N': n,
-      'd': D,
-      'depth': DEPTH,
-      'width': WIDTH,
-      'repeats': repeats_for(n),
-      'kernel_seconds_median': seconds,
-      'gemm_seconds_median': gemm_time,
-      'ratio_to_gemm': seconds / gemm_time,
-      'gemm_gflops_per_second': 2 * n * n * D / gemm_time / 1e9,
-      'peak_rss_mib': _common.peak_rss_mib(),
-  }
+def call(kernel_fn, x1, x2):
+  """The timed call: NNGP and NTK between two different batches."""
+  return kernel_fn(x1, x2, get=protocol.GET)
 
 
 def main(argv=None) -> int:
@@ -121,32 +77,10 @@ def main(argv=None) -> int:
   Returns:
     The process exit code.
   """
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--sizes', type=int, nargs='+', default=[1000, 4000])
-  parser.add_argument('--quick', action='store_true', help='N = 200 only')
-  args = parser.parse_args(argv)
-  sizes = [200] if args.quick else args.sizes
-
-  cases = []
-  for n in sizes:
-    x1, x2 = _common.make_inputs(n, D)
-    gemm_time = _common.gemm_seconds(x1, x2, max(repeats_for(n), 5))
-    for name in ACTIVATIONS:
-      cases.append(run_case(name, n, x1, x2, gemm_time))
-      print(f'  done: {name} N={n}', flush=True)
-
-  backend = jax.default_backend()
-  payload = {
-      'benchmark': 'fc_kernel',
-      'library': 'neural_tangents',
-      'library_version': getattr(nt, '__version__', 'unknown'),
-      'quick': args.quick,
-      'machine': _common.machine_info(),
-      'cases': cases,
-  }
-  path = _common.write_results(f'fc_kernel_reference_{backend}.json', payload)
-  _common.print_table(cases, COLUMNS)
-  print(f'wrote {path}')
+  sizes, quick = protocol.parse_sizes(argv, __doc__.splitlines()[0])
+  records = protocol.run(build, call, sizes)
+  protocol.write(records, 'neural_tangents', getattr(nt, '__version__', '?'),
+                 quick, 'fc_kernel_reference')
   return 0
 
 

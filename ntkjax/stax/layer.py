@@ -169,6 +169,30 @@ def canonical_get(get: Get):
   return get if isinstance(get, str) else names
 
 
+def _computed_together(tree):
+  """The same pytree, with its (N1, N2) arrays computed in one XLA fusion.
+
+  Under jit, XLA gives each output its own fusion and fuses the whole chain
+  of elementwise layers into each, re-computing every layer once per output
+  (and, through the layers' own fan-out, more): 5x slower at depth 6.
+  Stacking the outputs behind an optimization barrier makes XLA compute
+  them in one pass. Eagerly this would only add a copy, so it is skipped.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  big = [i for i, leaf in enumerate(leaves)
+         if not is_concrete(leaf) and leaf.ndim == 2]
+  if len(big) < 2:
+    return tree
+  shape = leaves[big[0]].shape
+  big = [i for i in big if leaves[i].shape == shape]
+  unique = {id(leaves[i]): leaves[i] for i in big}
+  stacked = jax.lax.optimization_barrier(jnp.stack(list(unique.values())))
+  position = {key: n for n, key in enumerate(unique)}
+  for i in big:
+    leaves[i] = stacked[position[id(leaves[i])]]
+  return jax.tree.unflatten(treedef, leaves)
+
+
 def select(kernel, get):
   """Pick `get` out of a Kernel (or of each Kernel of a branching output)."""
   if not isinstance(kernel, Kernel):
@@ -179,10 +203,11 @@ def select(kernel, get):
     kernel = kernel.replace(nngp=symmetrize(kernel.nngp),
                             ntk=symmetrize(kernel.ntk))
   if get is None:
-    return kernel
+    return _computed_together(kernel)
   if isinstance(get, str):
     return getattr(kernel, get)
-  return _kernels_tuple(get)(*(getattr(kernel, name) for name in get))
+  return _computed_together(
+      _kernels_tuple(get)(*(getattr(kernel, name) for name in get)))
 
 
 # ----------------------------------------------------------------------------
