@@ -46,6 +46,11 @@ def test_user_jit_and_kernel_input(inputs):
   jitted = jax.jit(kernel_fn, static_argnames='get')
   np.testing.assert_allclose(jitted(x1, x2, 'ntk'), kernel_fn(x1, x2, 'ntk'),
                              rtol=1e-12)
+  # Several outputs under jit are computed together (one stacked array).
+  for get in (('nngp', 'ntk', 'cov1'), None):
+    for a, b in zip(jax.tree.leaves(jitted(x1, x2, get)),
+                    jax.tree.leaves(kernel_fn(x1, x2, get))):
+      np.testing.assert_allclose(a, b, rtol=1e-12)
   # A Kernel can be fed to the next part of a network.
   first = stax.serial(stax.Dense(64, W_std=1.5, b_std=0.05), stax.Relu())
   rest = stax.serial(stax.Dense(64, W_std=1.5, b_std=0.05), stax.Erf(),
@@ -100,6 +105,29 @@ def test_deep_relu_float32_is_finite_symmetric_psd():
     # PSD up to float32 rounding: eigenvalues >= -N * eps * lambda_max.
     eigenvalues = np.linalg.eigvalsh(k.astype(np.float64))
     assert eigenvalues.min() >= -12 * 1.2e-7 * eigenvalues.max(), field
+
+
+PSD_NETWORKS = {
+    'relu_erf': _mlp,
+    'tanh_chain': lambda: stax.serial(stax.Dense(8, W_std=1.4), stax.Tanh(),
+                                      stax.Sin(), stax.Dense(1)),
+    'residual': lambda: stax.serial(
+        stax.Dense(8), stax.Relu(), stax.FanOut(2),
+        stax.parallel(stax.Identity(), stax.serial(stax.Dense(8), stax.Gelu())),
+        stax.FanInSum(), stax.Dense(1)),
+}
+
+
+@pytest.mark.parametrize('name', sorted(PSD_NETWORKS))
+def test_kernels_are_symmetric_psd(name):
+  """NNGP and NTK are Gram matrices (of features / of Jacobians): PSD."""
+  x = jax.random.normal(jax.random.PRNGKey(5), (20, 6))
+  kernel = PSD_NETWORKS[name]().kernel_fn(x, None)
+  for field in ('nngp', 'ntk'):
+    k = np.asarray(getattr(kernel, field))
+    np.testing.assert_array_equal(k, k.T)
+    eigenvalues = np.linalg.eigvalsh(k)
+    assert eigenvalues.min() >= -1e-10 * eigenvalues.max(), (field, eigenvalues)
 
 
 def test_float32_default_and_float64_honoured(inputs):
