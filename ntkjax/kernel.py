@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 
@@ -147,5 +147,3 @@ jax.tree_util.register_dataclass(
 
 # Names a user may pass as `get`.
 KERNEL_FIELDS = ('nngp', 'ntk', 'cov1', 'cov2')
-
-KernelFn = Callable[..., Any]

@@ -3,7 +3,6 @@ nonlinearities and sums/products of non-Gaussian branches, against Monte Carlo
 of the finite networks built from the same definitions."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -114,6 +114,27 @@ def test_activation_on_raw_inputs_is_an_error(inputs):
     stax.serial(stax.Relu(), stax.Dense(1)).kernel_fn(x1, x2)
 
 
+def test_elementwise_with_only_nngp_fn(inputs):
+  """Kernel-only Elementwise works; combining it needs its mean, so a clear
+  error asks for fn; apply_fn says it needs fn."""
+  x1, x2 = inputs
+  relu_nngp = dual.ab_relu(0., 1.).nngp
+  kernel_only = lambda: stax.Elementwise(nngp_fn=relu_nngp)
+  got = stax.serial(stax.Dense(4), kernel_only()).kernel_fn(x1, x2)
+  want = stax.serial(stax.Dense(4), stax.Relu()).kernel_fn(x1, x2)
+  np.testing.assert_allclose(got.nngp, want.nngp, rtol=1e-12)
+  np.testing.assert_allclose(got.ntk, want.ntk, rtol=1e-9)
+  summed = stax.serial(stax.Dense(4), stax.FanOut(2),
+                       stax.parallel(kernel_only(), stax.Dense(4)),
+                       stax.FanInSum())
+  with pytest.raises(stax.KernelError, match='Pass fn='):
+    summed.kernel_fn(x1, x2)
+  init_fn, apply_fn, _ = stax.serial(stax.Dense(4), kernel_only())
+  _, params = init_fn(jax.random.PRNGKey(0), (-1, 6))
+  with pytest.raises(NotImplementedError, match='fn'):
+    apply_fn(params, x1)
+
+
 def test_elementwise_requires_something():
   with pytest.raises(ValueError, match='Elementwise'):
     stax.Elementwise()

@@ -142,6 +142,8 @@ class Activation:
   mean: Optional[Callable] = None
   degree: int = DEFAULT_QUADRATURE_DEGREE
 
+  has_fn: bool = True
+
   @property
   def has_closed_form(self) -> bool:
     return self.nngp is not None

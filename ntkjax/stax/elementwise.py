@@ -263,7 +263,7 @@ def Elementwise(fn: Optional[Callable] = None,
                               'cannot be applied; pass fn=...')
   return _activation_layer(dual.Activation(
       name, fn or missing_fn, nngp=nngp_fn, ntk_factor=d_nngp_fn,
-      degree=int(deg)))
+      degree=int(deg), has_fn=fn is not None))
 
 
 def _fn_name(fn) -> str:

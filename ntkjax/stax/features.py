@@ -161,8 +161,10 @@ def term_of(source: Source, fn: Fn) -> Term:
     diagonal = lambda cov: a**2 * act.nngp(s2 * cov, s2 * cov, s2 * cov)
     if act.mean is not None:
       mean = lambda cov: a * act.mean(s2 * cov)
-    else:
+    elif act.has_fn:
       mean = lambda cov: dual.expect_1d(fn, cov, degree_1d)
+    else:  # Elementwise(nngp_fn=...) without fn: means unknown (see _means).
+      mean = lambda cov: None
     return Term(
         nngp=a**2 * act.nngp(s2 * k12, s2 * k11, s2 * k22),
         ntk=source.ntk * (a**2 * s2) * ntk_factor(s2 * k12, s2 * k11, s2 * k22),
@@ -187,6 +189,18 @@ def _is_gaussian_term(term: Term) -> bool:
           and not term.source.is_input)
 
 
+def _means(terms: Sequence[Term]):
+  """Total channel means of independent terms; an error if one is unknown."""
+  for t in terms:
+    if t.mean1 is None:
+      name = t.fn.act.name if isinstance(t.fn, Scaled) else 'Elementwise'
+      raise KernelError(
+          f'{name} was given nngp_fn '
+          'but no fn, so its mean E[fn(u)] is unknown, and combining it with '
+          'other branches needs it. Pass fn= to Elementwise as well.')
+  return sum(t.mean1 for t in terms), sum(t.mean2 for t in terms)
+
+
 def kernel_from_terms(terms: Sequence[Term], like: Kernel, **changes) -> Kernel:
   """A Kernel whose features are the sum of the independent `terms`."""
   terms = tuple(terms)
@@ -194,8 +208,7 @@ def kernel_from_terms(terms: Sequence[Term], like: Kernel, **changes) -> Kernel:
     t = terms[0]
     nngp, ntk, cov1, cov2 = t.nngp, t.ntk, t.cov1, t.cov2
   else:
-    mean1 = sum(t.mean1 for t in terms)
-    mean2 = sum(t.mean2 for t in terms)
+    mean1, mean2 = _means(terms)
     nngp = sum(t.nngp - t.mean1[:, None] * t.mean2[None, :] for t in terms)
     nngp = nngp + mean1[:, None] * mean2[None, :]
     cov1 = sum(t.cov1 - t.mean1**2 for t in terms) + mean1**2
@@ -210,7 +223,7 @@ def collapse(kernel: Kernel) -> Term:
   """The whole features of `kernel` as one opaque term (no source)."""
   terms = kernel.terms
   return Term(kernel.nngp, kernel.ntk, kernel.cov1, kernel.cov2,
-              sum(t.mean1 for t in terms), sum(t.mean2 for t in terms),
+              *_means(terms),
               components=frozenset().union(*(t.components for t in terms)))
 
 
