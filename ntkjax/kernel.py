@@ -76,7 +76,8 @@ class Term:
   Attributes:
     nngp, ntk, cov1, cov2: moments of this summand.
     mean1, mean2: its channel means, per sample of x1 / x2 (needed for the
-      cross terms when independent summands are added).
+      cross terms when independent summands are added); None until needed
+      for a term with a source (computed from `source` and `fn`).
     source: the field this summand is an elementwise function of; `None` when
       the summand is no longer such a function (a product of independent
       branches, a concatenation), so no further nonlinearity can be applied.
@@ -89,8 +90,8 @@ class Term:
   ntk: Array
   cov1: Array
   cov2: Array
-  mean1: Array
-  mean2: Array
+  mean1: Optional[Array]
+  mean2: Optional[Array]
   source: Optional[Source] = None
   fn: Any = None
   components: frozenset = frozenset()

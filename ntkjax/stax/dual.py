@@ -143,6 +143,13 @@ class Activation:
   degree: int = DEFAULT_QUADRATURE_DEGREE
 
   has_fn: bool = True
+  variance: Optional[Callable] = None
+
+  def variance_or_derived(self) -> Callable:
+    """k -> E[phi(u)^2], u ~ N(0, k): closed form, or the NNGP at rho = 1."""
+    if self.variance is not None:
+      return self.variance
+    return lambda k: self.nngp(k, k, k)
 
   @property
   def has_closed_form(self) -> bool:
@@ -287,7 +294,8 @@ def ab_relu(a: float, b: float) -> Activation:
   return Activation(
       name=f'ABRelu(a={a}, b={b})',
       fn=lambda x: jnp.where(x < 0, a * x, b * x),
-      nngp=nngp, ntk_factor=ntk_factor, mean=mean)
+      nngp=nngp, ntk_factor=ntk_factor, mean=mean,
+      variance=lambda k: (a * a + b * b) / 2 * k)
 
 
 def erf(a: float, b: float, c: float) -> Activation:

@@ -139,49 +139,73 @@ def new_source(nngp, ntk, cov1, cov2, components: Optional[frozenset] = None,
                 components=components, **kwargs)
 
 
+def _scaled(x, scale):
+  """scale * x, without an op when scale is 1 (the common case)."""
+  return x if scale == 1 else scale * x
+
+
 def term_of(source: Source, fn: Fn) -> Term:
-  """Moments (NNGP, NTK, diagonals, means) of the term fn(z), z ~ source."""
+  """Moments (NNGP, NTK, diagonals) of the term fn(z), z ~ source.
+
+  The means are left to `term_means`: only sums and products of branches
+  need them, and computing them for every layer of a deep network would
+  add work to every compilation.
+  """
   components = source.components
+  symmetric = source.cov2 is source.cov1
   if isinstance(fn, Linear):
-    s = fn.scale
-    mean1 = (jnp.zeros_like(source.cov1) if source.mean1 is None
-             else s * source.mean1)
-    mean2 = (jnp.zeros_like(source.cov2) if source.mean2 is None
-             else s * source.mean2)
-    return Term(s**2 * source.nngp, s**2 * source.ntk, s**2 * source.cov1,
-                s**2 * source.cov2, mean1, mean2, source=source, fn=fn,
-                components=components)
+    s2 = fn.scale**2
+    cov1 = _scaled(source.cov1, s2)
+    return Term(_scaled(source.nngp, s2), _scaled(source.ntk, s2), cov1,
+                cov1 if symmetric else _scaled(source.cov2, s2), None, None,
+                source=source, fn=fn, components=components)
 
   k12 = source.nngp
   k11, k22 = source.cov1[:, None], source.cov2[None, :]
-  degree_1d = max(fn.degree, 64)  # 1-d rules are cheap: use more nodes.
   if isinstance(fn, Scaled) and fn.act.has_closed_form:
-    act, a, s2 = fn.act, fn.out_scale, fn.in_scale**2
-    ntk_factor = act.ntk_factor_or_derived()
-    diagonal = lambda cov: a**2 * act.nngp(s2 * cov, s2 * cov, s2 * cov)
-    if act.mean is not None:
-      mean = lambda cov: a * act.mean(s2 * cov)
-    elif act.has_fn:
-      mean = lambda cov: dual.expect_1d(fn, cov, degree_1d)
-    else:  # Elementwise(nngp_fn=...) without fn: means unknown (see _means).
-      mean = lambda cov: None
+    act, a2, s2 = fn.act, fn.out_scale**2, fn.in_scale**2
+    k12, k11, k22 = (_scaled(k, s2) for k in (k12, k11, k22))
+    variance = lambda cov: _scaled(act.variance_or_derived()(_scaled(cov, s2)), a2)
+    cov1 = variance(source.cov1)
     return Term(
-        nngp=a**2 * act.nngp(s2 * k12, s2 * k11, s2 * k22),
-        ntk=source.ntk * (a**2 * s2) * ntk_factor(s2 * k12, s2 * k11, s2 * k22),
-        cov1=diagonal(source.cov1), cov2=diagonal(source.cov2),
-        mean1=mean(source.cov1), mean2=mean(source.cov2),
-        source=source, fn=fn, components=components)
+        nngp=_scaled(act.nngp(k12, k11, k22), a2),
+        ntk=source.ntk * _scaled(act.ntk_factor_or_derived()(k12, k11, k22),
+                                 a2 * s2),
+        cov1=cov1, cov2=cov1 if symmetric else variance(source.cov2),
+        mean1=None, mean2=None, source=source, fn=fn, components=components)
 
   d_fn = dual.derivative(fn)
   square = lambda x: fn(x)**2
+  degree_1d = max(fn.degree, 64)  # 1-d rules are cheap: use more nodes.
+  cov1 = dual.expect_1d(square, source.cov1, degree_1d)
   return Term(
       nngp=dual.expect_2d(fn, fn, k12, k11, k22, fn.degree),
       ntk=source.ntk * dual.expect_2d(d_fn, d_fn, k12, k11, k22, fn.degree),
-      cov1=dual.expect_1d(square, source.cov1, degree_1d),
-      cov2=dual.expect_1d(square, source.cov2, degree_1d),
-      mean1=dual.expect_1d(fn, source.cov1, degree_1d),
-      mean2=dual.expect_1d(fn, source.cov2, degree_1d),
-      source=source, fn=fn, components=components)
+      cov1=cov1,
+      cov2=cov1 if symmetric else dual.expect_1d(square, source.cov2, degree_1d),
+      mean1=None, mean2=None, source=source, fn=fn, components=components)
+
+
+def term_means(term: Term):
+  """Channel means (E over x1 samples, E over x2 samples) of one term."""
+  if term.mean1 is not None:
+    return term.mean1, term.mean2
+  source, fn = term.source, term.fn
+  if isinstance(fn, Linear):
+    if source.mean1 is None:  # a zero-mean Gaussian field
+      return jnp.zeros_like(source.cov1), jnp.zeros_like(source.cov2)
+    return fn.scale * source.mean1, fn.scale * source.mean2
+  if isinstance(fn, Scaled) and fn.act.mean is not None:
+    a, s2 = fn.out_scale, fn.in_scale**2
+    return (a * fn.act.mean(s2 * source.cov1), a * fn.act.mean(s2 * source.cov2))
+  if isinstance(fn, Scaled) and not fn.act.has_fn:
+    raise KernelError(
+        f'{fn.act.name} was given nngp_fn but no fn, so its mean E[fn(u)] is '
+        'unknown, and combining it with other branches needs it. Pass fn= to '
+        'Elementwise as well.')
+  degree_1d = max(fn.degree, 64)
+  return (dual.expect_1d(fn, source.cov1, degree_1d),
+          dual.expect_1d(fn, source.cov2, degree_1d))
 
 
 def _is_gaussian_term(term: Term) -> bool:
@@ -190,15 +214,9 @@ def _is_gaussian_term(term: Term) -> bool:
 
 
 def _means(terms: Sequence[Term]):
-  """Total channel means of independent terms; an error if one is unknown."""
-  for t in terms:
-    if t.mean1 is None:
-      name = t.fn.act.name if isinstance(t.fn, Scaled) else 'Elementwise'
-      raise KernelError(
-          f'{name} was given nngp_fn '
-          'but no fn, so its mean E[fn(u)] is unknown, and combining it with '
-          'other branches needs it. Pass fn= to Elementwise as well.')
-  return sum(t.mean1 for t in terms), sum(t.mean2 for t in terms)
+  """Total channel means of a sum of independent terms."""
+  means = [term_means(t) for t in terms]
+  return sum(m[0] for m in means), sum(m[1] for m in means)
 
 
 def kernel_from_terms(terms: Sequence[Term], like: Kernel, **changes) -> Kernel:
@@ -208,11 +226,13 @@ def kernel_from_terms(terms: Sequence[Term], like: Kernel, **changes) -> Kernel:
     t = terms[0]
     nngp, ntk, cov1, cov2 = t.nngp, t.ntk, t.cov1, t.cov2
   else:
-    mean1, mean2 = _means(terms)
-    nngp = sum(t.nngp - t.mean1[:, None] * t.mean2[None, :] for t in terms)
+    means = [term_means(t) for t in terms]
+    mean1, mean2 = sum(m[0] for m in means), sum(m[1] for m in means)
+    nngp = sum(t.nngp - m1[:, None] * m2[None, :]
+               for t, (m1, m2) in zip(terms, means))
     nngp = nngp + mean1[:, None] * mean2[None, :]
-    cov1 = sum(t.cov1 - t.mean1**2 for t in terms) + mean1**2
-    cov2 = sum(t.cov2 - t.mean2**2 for t in terms) + mean2**2
+    cov1 = sum(t.cov1 - m1**2 for t, (m1, _) in zip(terms, means)) + mean1**2
+    cov2 = sum(t.cov2 - m2**2 for t, (_, m2) in zip(terms, means)) + mean2**2
     ntk = sum(t.ntk for t in terms)
   is_gaussian = all(_is_gaussian_term(t) for t in terms)
   return like.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, terms=terms,
