@@ -122,6 +122,27 @@ def test_repeat_equals_serial(inputs):
   np.testing.assert_allclose(a.ntk, b.ntk, rtol=1e-12)
 
 
+def test_repeat_loops_only_over_fresh_gaussian_blocks(inputs):
+  """A block ending in Dense is looped with lax.scan (same kernel as the
+  unrolled chain, float64); a residual block, whose output still contains its
+  input field, is unrolled so that independence bookkeeping stays exact."""
+  x1, x2 = inputs
+  residual = stax.serial(stax.FanOut(2), stax.parallel(
+      stax.Identity(), stax.serial(stax.Relu(), stax.Dense(16, W_std=1.3))),
+      stax.FanInSum())
+  for block in (stax.serial(stax.Relu(), stax.Dense(16, W_std=1.3, b_std=0.1)),
+                residual):
+    looped = stax.serial(stax.Dense(16), stax.repeat(block, 5), stax.Erf())
+    unrolled = stax.serial(stax.Dense(16), *([block] * 5), stax.Erf())
+    for field in ('nngp', 'ntk'):
+      np.testing.assert_allclose(looped.kernel_fn(x1, x2, field),
+                                 unrolled.kernel_fn(x1, x2, field), rtol=1e-12)
+  jaxpr = jax.make_jaxpr(lambda x: stax.serial(
+      stax.Dense(16), stax.repeat(stax.serial(stax.Relu(), stax.Dense(16)), 5)
+  ).kernel_fn(x, None, 'ntk'))(x1)
+  assert 'scan' in str(jaxpr)
+
+
 def test_repeat_requires_shape_preserving_layer():
   net = stax.repeat(stax.Dense(3), 2)
   with pytest.raises(ValueError, match='keeps the shape'):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ntkjax.kernel import Kernel
 from ntkjax.stax import features
 from ntkjax.stax.features import KernelError
 from ntkjax.stax.layer import (Layer, branch_kernels, kernel_map_of, layer,
@@ -126,8 +127,44 @@ def repeat(a_layer: Layer, n: int) -> Layer:
             'layer that keeps the shape (e.g. put the first Dense outside).')
     return init_serial(key, input_shape)
 
+  one = kernel_map_of(a_layer)
+  unrolled = chain.kernel_fn.kernel_map
+
+  def kernel_map(k):
+    if n < 2:
+      return unrolled(k)
+    first = one(k)
+    if not _is_fresh_gaussian(first):
+      return serial(*([a_layer] * (n - 1))).kernel_fn.kernel_map(first)
+
+    # A block that ends in a fresh Gaussian field (e.g. Relu then Dense) maps
+    # (nngp, ntk, cov1, cov2) to the same four arrays: loop over it with
+    # lax.scan, so compile time does not grow with n (unrolled, XLA's compile
+    # time grows faster than linearly with depth).
+    def step(arrays, _):
+      out = one(features.gaussian_kernel(*arrays, first))
+      if not _is_fresh_gaussian(out):
+        raise KernelError(f'repeat: {_layer_name(a_layer)} changed the kind of '
+                          'kernel it returns between applications.')
+      return (out.nngp, out.ntk, out.cov1, out.cov2), None
+
+    arrays, _ = jax.lax.scan(
+        step, (first.nngp, first.ntk, first.cov1, first.cov2), None,
+        length=n - 1)
+    return features.gaussian_kernel(*arrays, first)
+
   return layer(f'repeat({_layer_name(a_layer)}, {n})', init_fn,
-               chain.apply_fn, chain.kernel_fn.kernel_map)
+               chain.apply_fn, kernel_map)
+
+
+def _is_fresh_gaussian(k) -> bool:
+  """One zero-mean Gaussian field independent of everything before it."""
+  if not (isinstance(k, Kernel) and len(k.terms) == 1):
+    return False
+  term = k.terms[0]
+  return (isinstance(term.fn, features.Linear) and term.fn.scale == 1
+          and term.source is not None and not term.source.is_input
+          and term.source.components == frozenset([term.source.source_id]))
 
 
 def FanOut(num: int) -> Layer:
