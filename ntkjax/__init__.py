@@ -5,3 +5,5 @@ from ntkjax.kernel import Kernel
 from ntkjax.stax import KernelError, Layer
 
 __version__ = '0.1.0'
+
+__all__ = ['Kernel', 'KernelError', 'Layer', 'stax']

@@ -16,3 +16,12 @@ from ntkjax.stax.elementwise import (ABRelu, Abs, Cos, Elementwise,
 from ntkjax.stax.features import KernelError
 from ntkjax.stax.layer import KernelFn, Layer
 from ntkjax.stax.linear import Dense, Identity
+
+__all__ = [
+    'ABRelu', 'Abs', 'Cos', 'Dense', 'Elementwise', 'ElementwiseNumerical',
+    'Elu', 'Erf', 'Exp', 'FanInConcat', 'FanInProd', 'FanInSum', 'FanOut',
+    'Gaussian', 'Gelu', 'Hermite', 'Identity', 'KernelError', 'KernelFn',
+    'Layer', 'LeakyRelu', 'Monomial', 'Polynomial', 'Rbf',
+    'RectifiedMonomial', 'Relu', 'Selu', 'Sigmoid', 'Sigmoid_like', 'Sign',
+    'Silu', 'Sin', 'Softplus', 'Tanh', 'parallel', 'repeat', 'serial',
+]
