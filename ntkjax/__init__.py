@@ -2,8 +2,10 @@
 
 from ntkjax import stax
 from ntkjax.kernel import Kernel
+from ntkjax.linearize import linearize, taylor_expand
 from ntkjax.stax import KernelError, Layer
 
 __version__ = '0.1.0'
 
-__all__ = ['Kernel', 'KernelError', 'Layer', 'stax']
+__all__ = ['Kernel', 'KernelError', 'Layer', 'linearize', 'stax',
+           'taylor_expand']
