@@ -1,11 +1,14 @@
 """ntkjax: finite and infinite-width neural networks from one definition."""
 
 from ntkjax import stax
+from ntkjax.empirical import (NtkImplementation, empirical_kernel_fn,
+                              empirical_nngp_fn, empirical_ntk_fn)
 from ntkjax.kernel import Kernel
 from ntkjax.linearize import linearize, taylor_expand
 from ntkjax.stax import KernelError, Layer
 
 __version__ = '0.1.0'
 
-__all__ = ['Kernel', 'KernelError', 'Layer', 'linearize', 'stax',
-           'taylor_expand']
+__all__ = ['Kernel', 'KernelError', 'Layer', 'NtkImplementation',
+           'empirical_kernel_fn', 'empirical_nngp_fn', 'empirical_ntk_fn',
+           'linearize', 'stax', 'taylor_expand']
