@@ -5,10 +5,11 @@ from ntkjax.empirical import (NtkImplementation, empirical_kernel_fn,
                               empirical_nngp_fn, empirical_ntk_fn)
 from ntkjax.kernel import Kernel
 from ntkjax.linearize import linearize, taylor_expand
+from ntkjax.monte_carlo import monte_carlo_kernel_fn
 from ntkjax.stax import KernelError, Layer
 
 __version__ = '0.1.0'
 
 __all__ = ['Kernel', 'KernelError', 'Layer', 'NtkImplementation',
            'empirical_kernel_fn', 'empirical_nngp_fn', 'empirical_ntk_fn',
-           'linearize', 'stax', 'taylor_expand']
+           'linearize', 'monte_carlo_kernel_fn', 'stax', 'taylor_expand']
