@@ -29,7 +29,7 @@ RESULTS_DIR = os.path.join(HERE, 'results')
 README = os.path.join(HERE, 'README.md')
 
 # Fields that identify a case within a benchmark (the rest are measurements).
-KEY_FIELDS = ('activation', 'N', 'd', 'depth', 'width')
+KEY_FIELDS = ('activation', 'implementation', 'O', 'N', 'd', 'depth', 'width')
 OURS = 'ntkjax'
 
 
@@ -176,12 +176,18 @@ def summary_table(rows: list) -> str:
   for row in rows:
     ours, ref = row.get('ours', {}), row.get('ref', {})
     t_ours = ours.get('kernel_seconds_median')
-    t_ref = ref.get('kernel_seconds_median')
+    # A benchmark may carry the reference's numbers as constants in our file.
+    t_ref = ref.get('kernel_seconds_median', ours.get('reference_seconds'))
     both = all(isinstance(t, (int, float)) and t > 0 for t in (t_ours, t_ref))
     case = ', '.join(f'{k}={v}' for k, v in row['case'].items()
-                     if k in ('activation', 'N'))
+                     if k in ('activation', 'implementation', 'O', 'N'))
     if ours.get('quick') or ref.get('quick'):
       case += ' (quick)'
+    status = ours.get('status')
+    if isinstance(status, str) and status != 'ok':
+      case += f' ({status})'
+    if t_ref is None and ours.get('reference_status') not in (None, 'ok'):
+      case += f' (reference: {ours["reference_status"]})'
     lines.append(' | '.join([
         f'| {row["benchmark"]}', row['backend'], case,
         _number(t_ours), _number(ours.get('ratio_to_gemm')),
