@@ -118,14 +118,13 @@ def repeat(a_layer: Layer, n: int) -> Layer:
   init_serial = chain.init_fn
 
   def init_fn(key, input_shape):
-    if n:
-      output_shape, _ = a_layer[0](key, input_shape)
-      if tuple(output_shape) != tuple(input_shape):
-        raise ValueError(
-            f'repeat({_layer_name(a_layer)}, {n}): the layer maps shape '
-            f'{tuple(input_shape)} to {tuple(output_shape)}; repeat needs a '
-            'layer that keeps the shape (e.g. put the first Dense outside).')
-    return init_serial(key, input_shape)
+    output_shape, params = init_serial(key, input_shape)
+    if tuple(output_shape) != tuple(input_shape):
+      raise ValueError(
+          f'repeat({_layer_name(a_layer)}, {n}): the layers map shape '
+          f'{tuple(input_shape)} to {tuple(output_shape)}; repeat needs a '
+          'layer that keeps the shape (e.g. put the first Dense outside).')
+    return output_shape, params
 
   one = kernel_map_of(a_layer)
   unrolled = chain.kernel_fn.kernel_map

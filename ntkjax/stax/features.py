@@ -208,6 +208,11 @@ def term_means(term: Term):
           dual.expect_1d(fn, source.cov2, degree_1d))
 
 
+def _components(items) -> frozenset:
+  """All Gaussian fields that a collection of terms (or sources) depends on."""
+  return frozenset().union(*(item.components for item in items))
+
+
 def _is_gaussian_term(term: Term) -> bool:
   return (isinstance(term.fn, Linear) and term.source is not None
           and not term.source.is_input)
@@ -244,7 +249,7 @@ def collapse(kernel: Kernel) -> Term:
   terms = kernel.terms
   return Term(kernel.nngp, kernel.ntk, kernel.cov1, kernel.cov2,
               *_means(terms),
-              components=frozenset().union(*(t.components for t in terms)))
+              components=_components(terms))
 
 
 def gaussian_kernel(nngp, ntk, cov1, cov2, like: Kernel, **changes) -> Kernel:
@@ -258,7 +263,7 @@ def _require_independent(groups: Sequence[Sequence[Term]], layer: str):
   """Raise unless the groups of terms depend on disjoint Gaussian fields."""
   seen: frozenset = frozenset()
   for group in groups:
-    components = frozenset().union(*(t.components for t in group))
+    components = _components(group)
     if components & seen:
       raise KernelError(
           f'{layer}: two branches depend on the same Gaussian field through '
@@ -292,7 +297,7 @@ def apply_elementwise(kernel: Kernel, act: dual.Activation,
     # A sum of independent zero-mean Gaussian fields is one Gaussian field.
     source = new_source(
         kernel.nngp, kernel.ntk, kernel.cov1, kernel.cov2,
-        components=frozenset().union(*(t.components for t in terms)))
+        components=_components(terms))
     return kernel_from_terms([term_of(source, compose(act, Linear(1.)))],
                              kernel)
   if any(t.source is None for t in terms):
@@ -358,7 +363,7 @@ def fan_in_prod(kernels: Sequence[Kernel]) -> Kernel:
       if j != i:
         others = others * q.nngp
     ntk = ntk + p.ntk * others
-  components = frozenset().union(*(p.components for p in parts))
+  components = _components(parts)
   term = Term(nngp, ntk, cov1, cov2, mean1, mean2, components=components)
   return kernel_from_terms([term], kernels[0], is_input=False)
 
@@ -369,7 +374,7 @@ def fan_in_concat(kernels: Sequence[Kernel], widths: Sequence[int]) -> Kernel:
   weights = [w / total for w in widths]
   parts = [collapse(k) for k in kernels]
   avg = lambda name: sum(w * getattr(p, name) for w, p in zip(weights, parts))
-  components = frozenset().union(*(p.components for p in parts))
+  components = _components(parts)
   term = Term(avg('nngp'), avg('ntk'), avg('cov1'), avg('cov2'),
               avg('mean1'), avg('mean2'), components=components)
   return kernel_from_terms([term], kernels[0], is_input=False)
