@@ -2,7 +2,8 @@
 
 from ntkjax import stax
 from ntkjax.empirical import (NtkImplementation, empirical_kernel_fn,
-                              empirical_nngp_fn, empirical_ntk_fn)
+                              empirical_nngp_fn, empirical_ntk_fn,
+                              ntk_implementation_costs)
 from ntkjax.kernel import Kernel
 from ntkjax.linearize import linearize, taylor_expand
 from ntkjax.monte_carlo import monte_carlo_kernel_fn
@@ -12,4 +13,5 @@ __version__ = '0.1.0'
 
 __all__ = ['Kernel', 'KernelError', 'Layer', 'NtkImplementation',
            'empirical_kernel_fn', 'empirical_nngp_fn', 'empirical_ntk_fn',
+           'ntk_implementation_costs',
            'linearize', 'monte_carlo_kernel_fn', 'stax', 'taylor_expand']

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntkjax import structured
+
 Axes = Union[int, Sequence[int]]
 
 
@@ -106,8 +108,8 @@ def _axes_for(fx, trace_axes, diagonal_axes, who):
   return trace, diagonal
 
 
-def _trace_size(fx, trace) -> int:
-  return int(np.prod([fx.shape[a] for a in trace])) if trace else 1
+def _trace_size(shape, trace) -> int:
+  return int(np.prod([shape[a] for a in trace])) if trace else 1
 
 
 def _call(f, params, x, kwargs, who):
@@ -145,7 +147,7 @@ def empirical_nngp_fn(f: Callable, trace_axes: Axes = (-1,),
                                 'empirical_nngp_fn')
     _check_outputs(fx1, fx2, trace, diagonal, 'empirical_nngp_fn')
     s1, s2, out = _subscripts(fx1.ndim, trace, diagonal)
-    return jnp.einsum(f'{s1},{s2}->{out}', fx1, fx2) / _trace_size(fx1, trace)
+    return jnp.einsum(f'{s1},{s2}->{out}', fx1, fx2) / _trace_size(fx1.shape, trace)
   return nngp_fn
 
 
@@ -153,24 +155,63 @@ def empirical_nngp_fn(f: Callable, trace_axes: Axes = (-1,),
 # NTK.
 
 
-def _jacobian(f, params, x, kwargs, vmap_axis: Optional[int]):
-  """d f(params, x) / d params as a pytree with leaves (*f(x).shape, *leaf)."""
-  if vmap_axis is None:
-    return jax.jacrev(lambda p: f(p, x, **kwargs))(params)
+def _vmap_axes(vmap_axes, kwargs: dict, x, who: str):
+  """`vmap_axes` as None or (in_axis, out_axis, {kwarg: axis or None}).
 
-  def one_example(xi):
+  An int `a` means (a, a, {}): examples along axis a of x and f(x), keyword
+  arguments shared by all examples.
+  """
+  if vmap_axes is None:
+    return None
+  if isinstance(vmap_axes, int):
+    vmap_axes = (vmap_axes, vmap_axes, {})
+  if (not isinstance(vmap_axes, tuple) or len(vmap_axes) != 3 or
+      not isinstance(vmap_axes[0], int) or not isinstance(vmap_axes[1], int)
+      or not isinstance(vmap_axes[2] or {}, dict)):
+    raise ValueError(
+        f'{who}: vmap_axes={vmap_axes!r}; use None, an int (the example axis '
+        'of x and f(x)), or (in_axis, out_axis, {kwarg_name: axis or None}) '
+        'with int in_axis and out_axis.')
+  in_axis, out_axis, kwargs_axes = vmap_axes
+  kwargs_axes = dict(kwargs_axes or {})
+  unknown = set(kwargs_axes) - set(kwargs)
+  if unknown:
+    raise ValueError(f'{who}: vmap_axes names keyword arguments '
+                     f'{sorted(unknown)} that were not passed.')
+  for name, axis in kwargs_axes.items():
+    if axis is not None and not isinstance(kwargs[name],
+                                           (jax.Array, np.ndarray)):
+      raise ValueError(f'{who}: vmap_axes maps keyword argument {name!r} '
+                       f'along axis {axis}, but it is not an array.')
+  if not -jnp.ndim(x) <= in_axis < jnp.ndim(x):
+    raise ValueError(f'{who}: vmap_axes in_axis={in_axis} is out of range '
+                     f'for x of shape {jnp.shape(x)}.')
+  return in_axis % jnp.ndim(x), out_axis, kwargs_axes
+
+
+def _jacobian(f, params, x, kwargs, vmap):
+  """d f(params, x) / d params as a pytree with leaves (*f(x).shape, *leaf)."""
+  if vmap is None:
+    return jax.jacrev(lambda p: f(p, x, **kwargs))(params)
+  in_axis, out_axis, kwargs_axes = vmap
+  batched = {k: v for k, v in kwargs.items() if kwargs_axes.get(k) is not None}
+  shared = {k: v for k, v in kwargs.items() if k not in batched}
+
+  def one_example(xi, kw):
+    kw = {k: jnp.expand_dims(v, kwargs_axes[k]) for k, v in kw.items()}
     single = lambda p: jnp.squeeze(
-        f(p, jnp.expand_dims(xi, vmap_axis), **kwargs), vmap_axis)
+        f(p, jnp.expand_dims(xi, in_axis), **kw, **shared), out_axis)
     return jax.jacrev(single)(params)
-  jac = jax.vmap(one_example, in_axes=vmap_axis)(x)
+  jac = jax.vmap(one_example, in_axes=(in_axis, {k: kwargs_axes[k]
+                                                 for k in batched}))(x, batched)
   # vmap put the example axis first; move it to where f puts it.
-  return jax.tree.map(lambda j: jnp.moveaxis(j, 0, vmap_axis), jac)
+  return jax.tree.map(lambda j: jnp.moveaxis(j, 0, out_axis), jac)
 
 
 def _ntk_jacobian_contraction(f, params, x1, x2, kwargs, trace, diagonal,
-                              ndim, vmap_axis):
-  j1 = _jacobian(f, params, x1, kwargs, vmap_axis)
-  j2 = j1 if x2 is None else _jacobian(f, params, x2, kwargs, vmap_axis)
+                              ndim, vmap):
+  j1 = _jacobian(f, params, x1, kwargs, vmap)
+  j2 = j1 if x2 is None else _jacobian(f, params, x2, kwargs, vmap)
   total = 0.
   for leaf1, leaf2, p in zip(jax.tree.leaves(j1), jax.tree.leaves(j2),
                              jax.tree.leaves(params)):
@@ -196,6 +237,29 @@ def _ntk_vector_products(f, params, x1, x2, kwargs, trace, diagonal, ndim,
   return jnp.einsum(f'{s2}{s1}->{out}', full)
 
 
+def _ntk_structured(f, params, x1, x2, kwargs, trace, diagonal, ndim, vmap):
+  prepared1, inputs1 = structured.prepare(f, params, x1, kwargs, vmap)
+  side1 = structured.side(prepared1, params, inputs1)
+  if x2 is None:
+    side2 = side1
+  else:
+    prepared2, inputs2 = structured.prepare(f, params, x2, kwargs, vmap)
+    if prepared2.analysis[:2] != prepared1.analysis[:2]:
+      # f traced to different programs on x1 and x2 (shape-dependent
+      # Python control flow): the per-leaf pairing is not available.
+      return _ntk_jacobian_contraction(f, params, x1, x2, kwargs, trace,
+                                       diagonal, ndim, vmap)
+    side2 = structured.side(prepared2, params, inputs2)
+  s1, s2, result = _subscripts(ndim, trace, diagonal)
+  if vmap is not None:
+    out_axis = vmap[1] % ndim
+    s1 = s1[out_axis] + s1[:out_axis] + s1[out_axis + 1:]
+    s2 = s2[out_axis] + s2[:out_axis] + s2[out_axis + 1:]
+  return structured.contract(prepared1.program, prepared1.analysis,
+                             prepared1.avals, side1, side2, s1, s2, result,
+                             vmap is not None)
+
+
 def empirical_ntk_fn(f: Callable, trace_axes: Axes = (-1,),
                      diagonal_axes: Axes = (), vmap_axes: Optional[int] = None,
                      implementation: Union[int, NtkImplementation] =
@@ -214,32 +278,123 @@ def empirical_ntk_fn(f: Callable, trace_axes: Axes = (-1,),
     `ntk_fn(x1, x2, params, **kwargs)`; `x2=None` means `x2 = x1`.
   """
   implementation = NtkImplementation(implementation)
-  if implementation in (NtkImplementation.AUTO,
-                        NtkImplementation.STRUCTURED_DERIVATIVES):
-    raise NotImplementedError(
-        f'empirical_ntk_fn: implementation={implementation.name} is not '
-        'available yet; use JACOBIAN_CONTRACTION or NTK_VECTOR_PRODUCTS.')
-  if vmap_axes is not None and not isinstance(vmap_axes, int):
-    raise NotImplementedError(
-        f'empirical_ntk_fn: vmap_axes={vmap_axes!r}; only None or an int '
-        '(the example axis of x and f(x)) is supported so far.')
 
   def ntk_fn(x1, x2, params, **kwargs):
-    who = 'empirical_ntk_fn'
-    fx1 = jax.eval_shape(lambda p: _call(f, p, x1, kwargs, who), params)
-    fx2 = fx1 if x2 is None else jax.eval_shape(
-        lambda p: _call(f, p, x2, kwargs, who), params)
-    trace, diagonal = _axes_for(fx1, trace_axes, diagonal_axes, who)
-    _check_outputs(fx1, fx2, trace, diagonal, who)
-    size = _trace_size(fx1, trace)
-    if implementation == NtkImplementation.JACOBIAN_CONTRACTION:
-      ntk = _ntk_jacobian_contraction(f, params, x1, x2, kwargs, trace,
-                                      diagonal, fx1.ndim, vmap_axes)
-    else:
-      ntk = _ntk_vector_products(f, params, x1, x2, kwargs, trace, diagonal,
-                                 fx1.ndim, fx2.shape)
-    return ntk / size
+    args = _setup(f, x1, x2, params, kwargs, trace_axes, diagonal_axes,
+                  vmap_axes, 'empirical_ntk_fn')
+    chosen = implementation
+    if chosen == NtkImplementation.AUTO:
+      chosen = _cheapest(*args)
+    trace, fx2_shape = args[5], args[8]
+    return _ntk(chosen, *args) / _trace_size(fx2_shape, trace)
   return ntk_fn
+
+
+def _setup(f, x1, x2, params, kwargs, trace_axes, diagonal_axes, vmap_axes,
+           who):
+  """Validates the call; returns the arguments of `_ntk`."""
+  fx1 = jax.eval_shape(lambda p: _call(f, p, x1, kwargs, who), params)
+  fx2 = fx1 if x2 is None else jax.eval_shape(
+      lambda p: _call(f, p, x2, kwargs, who), params)
+  trace, diagonal = _axes_for(fx1, trace_axes, diagonal_axes, who)
+  _check_outputs(fx1, fx2, trace, diagonal, who)
+  vmap = _vmap_axes(vmap_axes, kwargs, x1, who)
+  if vmap is not None and not -fx1.ndim <= vmap[1] < fx1.ndim:
+    raise ValueError(f'{who}: vmap_axes out_axis={vmap[1]} is out of range '
+                     f'for f(x) of shape {fx1.shape}.')
+  return (f, x1, x2, params, kwargs, trace, diagonal, fx1.ndim, fx2.shape,
+          vmap)
+
+
+def ntk_implementation_costs(f: Callable, x1, x2, params,
+                             trace_axes: Axes = (-1,),
+                             diagonal_axes: Axes = (), vmap_axes=None,
+                             **kwargs) -> dict:
+  """AUTO's cost estimate of each implementation (smaller is cheaper).
+
+  Args:
+    f, trace_axes, diagonal_axes, vmap_axes: as in `empirical_ntk_fn`.
+    x1, x2, params, kwargs: as in the call of the `ntk_fn` it returns.
+
+  Returns:
+    dict `NtkImplementation` -> flops + 8 x bytes accessed, from XLA's cost
+    analysis of each implementation lowered on these shapes (nothing runs).
+  """
+  args = _setup(f, x1, x2, params, kwargs, trace_axes, diagonal_axes,
+                vmap_axes, 'ntk_implementation_costs')
+  return _costs(*args)
+
+
+def _ntk(implementation, f, x1, x2, params, kwargs, trace, diagonal, ndim,
+         fx2_shape, vmap):
+  """The untraced-axes-unnormalised NTK by one implementation."""
+  if implementation == NtkImplementation.JACOBIAN_CONTRACTION:
+    return _ntk_jacobian_contraction(f, params, x1, x2, kwargs, trace,
+                                     diagonal, ndim, vmap)
+  if implementation == NtkImplementation.STRUCTURED_DERIVATIVES:
+    return _ntk_structured(f, params, x1, x2, kwargs, trace, diagonal, ndim,
+                           vmap)
+  return _ntk_vector_products(f, params, x1, x2, kwargs, trace, diagonal,
+                              ndim, fx2_shape)
+
+
+# Relative cost of one byte moved and one flop in AUTO's cost model: peak
+# flop rate over memory bandwidth is ~5-10 on a few CPU cores and ~10-20 on
+# a GPU (float32 without tensor cores); the counts come from XLA's analysis
+# of the unoptimised HLO, which is device independent.
+_BYTE_COST = 8.
+_AUTO_CHOICES = {}
+
+
+def _costs(f, x1, x2, params, kwargs, trace, diagonal, ndim, fx2_shape,
+           vmap) -> dict:
+  """flops + _BYTE_COST x bytes of each implementation, by XLA's analysis.
+
+  Each candidate is lowered (not compiled, not run) on abstract inputs of
+  the same shapes and dtypes.
+  """
+  spec = lambda t: jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), t)
+  arrays = {k: v for k, v in kwargs.items()
+            if isinstance(v, (jax.Array, np.ndarray))}
+  static = {k: v for k, v in kwargs.items() if k not in arrays}
+  costs = {}
+  for candidate in (NtkImplementation.STRUCTURED_DERIVATIVES,
+                    NtkImplementation.NTK_VECTOR_PRODUCTS,
+                    NtkImplementation.JACOBIAN_CONTRACTION):
+    def run(a, b, p, kw, candidate=candidate):
+      return _ntk(candidate, f, a, b, p, {**kw, **static}, trace, diagonal,
+                  ndim, fx2_shape, vmap)
+    lowered = jax.jit(run).lower(*spec((x1, x2, params, arrays)))
+    analysis = lowered.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    costs[candidate] = (float(analysis.get('flops', 0.)) + _BYTE_COST *
+                        float(analysis.get('bytes accessed', 0.)))
+  return costs
+
+
+def _cheapest(f, x1, x2, params, kwargs, trace, diagonal, ndim, fx2_shape,
+              vmap) -> NtkImplementation:
+  """AUTO: the implementation with the smallest estimated cost (`_costs`).
+
+  The choice is cached per function, shapes, dtypes and axes. If lowering
+  fails (e.g. `f` closes over values being traced by an outer
+  transformation), STRUCTURED_DERIVATIVES is used: its cost is never
+  asymptotically worse than the other two.
+  """
+  spec = lambda t: jax.tree.map(
+      lambda a: ((np.shape(a), str(a.dtype))
+                 if isinstance(a, (jax.Array, np.ndarray)) else repr(a)), t)
+  key = (f, str(spec((x1, x2, params))), str(spec(kwargs)), trace, diagonal,
+         repr(vmap))
+  if key not in _AUTO_CHOICES:
+    try:
+      costs = _costs(f, x1, x2, params, kwargs, trace, diagonal, ndim,
+                     fx2_shape, vmap)
+      _AUTO_CHOICES[key] = min(costs, key=costs.get)
+    except Exception:  # noqa: BLE001 -- any failure means "cannot estimate"
+      return NtkImplementation.STRUCTURED_DERIVATIVES
+  return _AUTO_CHOICES[key]
 
 
 def empirical_kernel_fn(f: Callable, trace_axes: Axes = (-1,),

@@ -10,10 +10,13 @@ network built from the same definition,
 which converge to the infinite-width kernels as the hidden widths grow.
 """
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 jax.config.update('jax_enable_x64', True)
 
@@ -89,6 +92,71 @@ def assert_monte_carlo_close(estimate, exact, width, label=''):
       f'{label}: Monte Carlo disagrees with kernel_fn: max error '
       f'{np.max(error):.4g}, tolerance {np.min(tolerance):.4g}..'
       f'{np.max(tolerance):.4g}\nexact=\n{exact}\nmc=\n{mean}')
+
+
+def direct_empirical_kernel(f, params, x1, x2, trace, diagonal, kind):
+  """The empirical kernel from its definition, with explicit loops.
+
+  Full Jacobians of the flattened parameters by forward mode (`jacfwd`),
+  T[a, b] = sum_p J1[a, p] J2[b, p] over all output index pairs (or the
+  outer product of outputs for the NNGP), then traced axes averaged,
+  diagonal axes kept once and other axes interleaved (x1, x2) by Python
+  loops over the result's indices.
+
+  Args:
+    f: `f(params, x)`.
+    params: parameters (any pytree).
+    x1, x2: inputs.
+    trace, diagonal: output axes (ints, may be negative).
+    kind: 'ntk' or 'nngp'.
+
+  Returns:
+    numpy array with neural-tangents' axis conventions.
+  """
+  if kind == 'ntk':
+    flat, unravel = ravel_pytree(params)
+    jacobian = jax.jit(jax.jacfwd(lambda q, x: f(unravel(q), x)),
+                       compiler_options={'xla_backend_optimization_level': 0})
+    jac = lambda x: np.asarray(jacobian(flat, x))
+    j1, j2 = jac(x1), jac(x2)
+    full = np.tensordot(j1, j2, axes=([-1], [-1]))
+  else:
+    full = np.multiply.outer(np.asarray(f(params, x1)), np.asarray(f(params, x2)))
+  ndim = full.ndim // 2
+  shape1, shape2 = full.shape[:ndim], full.shape[ndim:]
+  trace = {a % ndim for a in trace}
+  diagonal = {a % ndim for a in diagonal}
+  out_dims = []
+  for axis in range(ndim):
+    if axis in trace:
+      continue
+    out_dims += [shape1[axis]] if axis in diagonal else [shape1[axis], shape2[axis]]
+  out = np.zeros(out_dims)
+  size = np.prod([shape1[a] for a in trace]) if trace else 1
+  for index in itertools.product(*(range(n) for n in out_dims)):
+    pos, i1, i2 = 0, [], []
+    free = []
+    for axis in range(ndim):
+      if axis in trace:
+        i1.append(None)
+        i2.append(None)
+        free.append(axis)
+      elif axis in diagonal:
+        i1.append(index[pos])
+        i2.append(index[pos])
+        pos += 1
+      else:
+        i1.append(index[pos])
+        i2.append(index[pos + 1])
+        pos += 2
+    total = 0.
+    for t in itertools.product(*(range(shape1[a]) for a in free)):
+      a1, a2 = list(i1), list(i2)
+      for axis, value in zip(free, t):
+        a1[axis] = a2[axis] = value
+      total += full[tuple(a1) + tuple(a2)]
+    out[index] = total / size
+  return out
 
 
 @pytest.fixture

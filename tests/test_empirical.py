@@ -1,67 +1,21 @@
 """Empirical NTK/NNGP against a direct definition, for every axes option.
 
-The reference flattens the parameters, takes the full Jacobian with
-`jax.jacfwd` (forward mode, unlike both implementations under test), forms
+The reference (`conftest.direct_empirical_kernel`) flattens the parameters,
+takes the full Jacobian with `jax.jacfwd` (forward mode; the implementations
+under test use reverse mode, jvp-of-vjp or structured rules), forms
 T[a, b] = sum_p J1[a, p] J2[b, p] over all output index pairs, and reduces it
 with explicit Python loops following the documented conventions: traced axes
 averaged, diagonal axes kept once, other axes interleaved (x1, x2).
 """
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.flatten_util import ravel_pytree
+from conftest import direct_empirical_kernel
 
 import ntkjax
 from ntkjax import NtkImplementation, stax
-
-
-def _reference(f, params, x1, x2, trace, diagonal, kind):
-  if kind == 'ntk':
-    flat, unravel = ravel_pytree(params)
-    jac = lambda x: np.asarray(jax.jacfwd(lambda q: f(unravel(q), x))(flat))
-    j1, j2 = jac(x1), jac(x2)
-    full = np.tensordot(j1, j2, axes=([-1], [-1]))
-  else:
-    full = np.multiply.outer(np.asarray(f(params, x1)), np.asarray(f(params, x2)))
-  ndim = full.ndim // 2
-  shape1, shape2 = full.shape[:ndim], full.shape[ndim:]
-  trace = {a % ndim for a in trace}
-  diagonal = {a % ndim for a in diagonal}
-  out_dims = []
-  for axis in range(ndim):
-    if axis in trace:
-      continue
-    out_dims += [shape1[axis]] if axis in diagonal else [shape1[axis], shape2[axis]]
-  out = np.zeros(out_dims)
-  size = np.prod([shape1[a] for a in trace]) if trace else 1
-  for index in itertools.product(*(range(n) for n in out_dims)):
-    pos, i1, i2 = 0, [], []
-    free = []
-    for axis in range(ndim):
-      if axis in trace:
-        i1.append(None)
-        i2.append(None)
-        free.append(axis)
-      elif axis in diagonal:
-        i1.append(index[pos])
-        i2.append(index[pos])
-        pos += 1
-      else:
-        i1.append(index[pos])
-        i2.append(index[pos + 1])
-        pos += 2
-    total = 0.
-    for t in itertools.product(*(range(shape1[a]) for a in free)):
-      a1, a2 = list(i1), list(i2)
-      for axis, value in zip(free, t):
-        a1[axis] = a2[axis] = value
-      total += full[tuple(a1) + tuple(a2)]
-    out[index] = total / size
-  return out
 
 
 def _stax_model():
@@ -86,8 +40,7 @@ AXES = [((-1,), ()), ((), ()), ((), (-1,)), ((), (0,)), ((-1,), (0,)),
 
 @pytest.mark.parametrize('model', ['stax', 'plain'])
 @pytest.mark.parametrize('trace,diagonal', AXES)
-@pytest.mark.parametrize('implementation', [
-    NtkImplementation.JACOBIAN_CONTRACTION, NtkImplementation.NTK_VECTOR_PRODUCTS])
+@pytest.mark.parametrize('implementation', list(NtkImplementation))
 @pytest.mark.parametrize('vmap_axes', [None, 0])
 def test_ntk_matches_direct_definition(model, trace, diagonal, implementation,
                                        vmap_axes):
@@ -96,7 +49,7 @@ def test_ntk_matches_direct_definition(model, trace, diagonal, implementation,
   x2 = jax.random.normal(jax.random.PRNGKey(3), (3, 4))
   ntk_fn = ntkjax.empirical_ntk_fn(f, trace, diagonal, vmap_axes, implementation)
   np.testing.assert_allclose(ntk_fn(x1, x2, params),
-                             _reference(f, params, x1, x2, trace, diagonal, 'ntk'),
+                             direct_empirical_kernel(f, params, x1, x2, trace, diagonal, 'ntk'),
                              rtol=1e-10, atol=1e-12)
 
 
@@ -107,7 +60,7 @@ def test_nngp_matches_direct_definition(trace, diagonal):
   x2 = jax.random.normal(jax.random.PRNGKey(3), (3, 4))
   nngp_fn = ntkjax.empirical_nngp_fn(f, trace, diagonal)
   np.testing.assert_allclose(nngp_fn(x1, x2, params),
-                             _reference(f, params, x1, x2, trace, diagonal, 'nngp'),
+                             direct_empirical_kernel(f, params, x1, x2, trace, diagonal, 'nngp'),
                              rtol=1e-12)
 
 
@@ -145,5 +98,35 @@ def test_bad_input_errors():
     ntkjax.empirical_ntk_fn(f, (), (0,))(x, jnp.ones((2, 4)), params)
   with pytest.raises(ValueError, match='same model'):
     ntkjax.empirical_ntk_fn(f)(jnp.ones((3, 7)), None, params)
-  with pytest.raises(NotImplementedError, match='STRUCTURED'):
-    ntkjax.empirical_ntk_fn(f, implementation=3)
+  with pytest.raises(ValueError, match='vmap_axes'):
+    ntkjax.empirical_ntk_fn(f, vmap_axes=(0, 0))(x, None, params)
+  with pytest.raises(ValueError, match='in_axis=2 is out of range'):
+    ntkjax.empirical_ntk_fn(f, vmap_axes=2)(x, None, params)
+  with pytest.raises(ValueError, match='out_axis=3 is out of range'):
+    ntkjax.empirical_ntk_fn(f, vmap_axes=(0, 3, {}))(x, None, params)
+  with pytest.raises(ValueError, match='not passed'):
+    ntkjax.empirical_ntk_fn(f, vmap_axes=(0, 0, {'mask': 0}))(x, None, params)
+  with pytest.raises(ValueError, match='is not a valid NtkImplementation'):
+    ntkjax.empirical_ntk_fn(f, implementation=7)
+
+
+@pytest.mark.parametrize('implementation', list(NtkImplementation))
+def test_vmap_axes_triple_with_batched_keyword_arguments(implementation):
+  """Examples along axis 1 of x and axis 0 of f(x); a per-example `shift`
+  keyword (axis 0) and a shared `temperature` keyword."""
+  keys = jax.random.split(jax.random.PRNGKey(5), 4)
+  params = {'w': jax.random.normal(keys[0], (4, 3))}
+
+  def f(p, x, shift, temperature):
+    return jnp.tanh((x.T @ p['w'] + shift[:, None]) / temperature)
+  x1 = jax.random.normal(keys[1], (4, 3))
+  x2 = jax.random.normal(keys[2], (4, 3))
+  shift = jax.random.normal(keys[3], (3,))
+  kwargs = {'shift': shift, 'temperature': 1.7}
+  ntk_fn = ntkjax.empirical_ntk_fn(
+      f, (), (), (1, 0, {'shift': 0, 'temperature': None}), implementation)
+  bound = lambda p, x: f(p, x, **kwargs)
+  np.testing.assert_allclose(
+      ntk_fn(x1, x2, params, **kwargs),
+      direct_empirical_kernel(bound, params, x1, x2, (), (), 'ntk'),
+      rtol=1e-10, atol=1e-12)
