@@ -18,11 +18,17 @@ Implementations (`NtkImplementation`, values as in neural-tangents):
   parameter leaf. Memory ~ (N1 + N2) x outputs x parameters.
 * NTK_VECTOR_PRODUCTS: `vmap` over output basis vectors of a `vjp` on x2
   followed by a `jvp` on x1 (Novak et al. 2022); never forms a Jacobian.
-* STRUCTURED_DERIVATIVES and AUTO are not implemented yet (they raise).
+* STRUCTURED_DERIVATIVES: weights consumed by dot_general / convolutions
+  contribute einsum(cotangents, inputs) without any Jacobian; other
+  parameter leaves fall back to the contraction (`ntkjax.structured`).
+* AUTO: the cheapest of the three by XLA's cost analysis of each, lowered
+  on abstract inputs (`ntk_implementation_costs`).
 
-`vmap_axes` (None or an int) declares that `f` treats the examples along that
-axis of x and f(x) independently, so per-example Jacobians can be computed
-with `vmap`; it must be None if examples interact (e.g. batch norm).
+`vmap_axes` declares that `f` treats examples independently, so per-example
+Jacobians / cotangents can be computed with `vmap`: None (examples may
+interact, e.g. batch norm), an int (the example axis of x and of f(x)), or
+`(in_axis, out_axis, {kwarg_name: axis or None})`, with the example axis of
+x, of f(x) and of each keyword argument (None: shared by all examples).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import collections
 import enum
 import functools
 import string
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -261,7 +267,7 @@ def _ntk_structured(f, params, x1, x2, kwargs, trace, diagonal, ndim, vmap):
 
 
 def empirical_ntk_fn(f: Callable, trace_axes: Axes = (-1,),
-                     diagonal_axes: Axes = (), vmap_axes: Optional[int] = None,
+                     diagonal_axes: Axes = (), vmap_axes: Any = None,
                      implementation: Union[int, NtkImplementation] =
                      NtkImplementation.JACOBIAN_CONTRACTION) -> Callable:
   """The empirical NTK `J(x1) J(x2)^T` of `f` at `params`.
@@ -270,8 +276,8 @@ def empirical_ntk_fn(f: Callable, trace_axes: Axes = (-1,),
     f: `f(params, x, **kwargs) -> array`; params any pytree.
     trace_axes: output axes averaged over (see module docstring).
     diagonal_axes: output axes on which only the diagonal is kept.
-    vmap_axes: None, or the axis of x and f(x) along which examples are
-      independent (per-example Jacobians by `vmap`).
+    vmap_axes: None, an int, or (in_axis, out_axis, {kwarg: axis or None}):
+      where examples are independent (see module docstring).
     implementation: an `NtkImplementation` (or its int value).
 
   Returns:
@@ -399,7 +405,7 @@ def _cheapest(f, x1, x2, params, kwargs, trace, diagonal, ndim, fx2_shape,
 
 def empirical_kernel_fn(f: Callable, trace_axes: Axes = (-1,),
                         diagonal_axes: Axes = (),
-                        vmap_axes: Optional[int] = None,
+                        vmap_axes: Any = None,
                         implementation: Union[int, NtkImplementation] =
                         NtkImplementation.JACOBIAN_CONTRACTION) -> Callable:
   """Both empirical kernels: `kernel_fn(x1, x2, get, params, **kwargs)`.

@@ -10,7 +10,7 @@ processed in blocks of `batch_size` so memory stays bounded.
 from __future__ import annotations
 
 import collections
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Union
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +49,7 @@ def monte_carlo_kernel_fn(init_fn: Callable, apply_fn: Callable, key,
                           batch_size: int = 0, device_count: int = -1,
                           store_on_device: bool = True,
                           trace_axes: Axes = (-1,), diagonal_axes: Axes = (),
-                          vmap_axes: Optional[int] = None,
+                          vmap_axes=None,
                           implementation=NtkImplementation.JACOBIAN_CONTRACTION
                           ) -> Callable:
   """Kernels averaged over random initializations of a finite network.
