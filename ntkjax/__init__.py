@@ -1,6 +1,6 @@
 """ntkjax: finite and infinite-width neural networks from one definition."""
 
-from ntkjax import stax
+from ntkjax import predict, stax
 from ntkjax.empirical import (NtkImplementation, empirical_kernel_fn,
                               empirical_nngp_fn, empirical_ntk_fn,
                               ntk_implementation_costs)
@@ -14,4 +14,4 @@ __version__ = '0.1.0'
 __all__ = ['Kernel', 'KernelError', 'Layer', 'NtkImplementation',
            'empirical_kernel_fn', 'empirical_nngp_fn', 'empirical_ntk_fn',
            'ntk_implementation_costs',
-           'linearize', 'monte_carlo_kernel_fn', 'stax', 'taylor_expand']
+           'linearize', 'monte_carlo_kernel_fn', 'predict', 'stax', 'taylor_expand']
