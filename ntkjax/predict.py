@@ -39,7 +39,6 @@ kernels.
 from __future__ import annotations
 
 import collections
-import functools
 import math
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -153,32 +152,42 @@ def _regularized(k, diag_reg, absolute: bool):
   return k + scale * jnp.eye(k.shape[0], dtype=k.dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted(fn):
-  return jax.jit(fn)
-
-
+@jax.jit
 def _eigh(k):
   evals, evecs = jnp.linalg.eigh(k)
   return jnp.maximum(evals, 0.), evecs
 
 
-def _solver(k):
-  """x = k^{-1} b by Cholesky; the minimum-norm eigen-solve if that fails."""
-  chol = jnp.linalg.cholesky(k)
+@jax.jit
+def _cholesky(k):
+  return jnp.linalg.cholesky(k)
 
+
+@jax.jit
+def _solve_factored(chol, k, b):
+  """k^{-1} b from its Cholesky factor; min-norm eigen-solve if that failed.
+
+  Module-level and jitted, so repeated solves of one shape compile once (a
+  `lax.cond` built per call outside `jit` would recompile every time).
+  """
   def by_cholesky(b):
     return jsl.cho_solve((chol, True), b)
 
   def by_eigh(b):
     evals, evecs = jnp.linalg.eigh(k)
     cutoff = jnp.max(jnp.abs(evals)) * k.shape[0] * jnp.finfo(k.dtype).eps
-    inv = jnp.where(evals > cutoff, 1. / jnp.where(evals > cutoff, evals, 1.),
-                    0.)
+    keep = evals > cutoff
+    inv = jnp.where(keep, 1. / jnp.where(keep, evals, 1.), 0.)
     return evecs @ (inv[:, None] * (evecs.T @ b))
 
   failed = ~jnp.all(jnp.isfinite(chol))
-  return lambda b: jax.lax.cond(failed, by_eigh, by_cholesky, b)
+  return jax.lax.cond(failed, by_eigh, by_cholesky, b)
+
+
+def _solver(k):
+  """b -> k^{-1} b, factorizing k once (see `_solve_factored`)."""
+  chol = _cholesky(k)
+  return lambda b: _solve_factored(chol, k, b)
 
 
 def _expm1_over(evals, s):
@@ -198,7 +207,7 @@ class _Eigen:
 
   def get(self):
     if self.value is None:
-      value = _jitted(_eigh)(self.k)
+      value = _eigh(self.k)
       if isinstance(value[0], jax.core.Tracer):
         return value          # do not cache tracers across transformations
       self.value = value
