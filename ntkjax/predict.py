@@ -163,6 +163,25 @@ def _cholesky(k):
   return jnp.linalg.cholesky(k)
 
 
+def _factor_failed(chol):
+  """Whether a Cholesky factor is unusable: non-finite, or a pivot so small
+  (pivot^2 <= n eps max pivot^2) that the matrix is singular to working
+  precision and a triangular solve would amplify rounding by O(1/eps)."""
+  pivots = jnp.abs(jnp.diagonal(chol))
+  tiny = (jnp.min(pivots) ** 2 <=
+          chol.shape[0] * jnp.finfo(chol.dtype).eps * jnp.max(pivots) ** 2)
+  return ~jnp.all(jnp.isfinite(chol)) | tiny
+
+
+def _min_norm_solve(k, b):
+  """k^+ b by eigendecomposition, dropping eigenvalues below n eps max|ev|."""
+  evals, evecs = jnp.linalg.eigh(k)
+  cutoff = jnp.max(jnp.abs(evals)) * k.shape[0] * jnp.finfo(k.dtype).eps
+  keep = evals > cutoff
+  inv = jnp.where(keep, 1. / jnp.where(keep, evals, 1.), 0.)
+  return evecs @ (inv[:, None] * (evecs.T @ b))
+
+
 @jax.jit
 def _solve_factored(chol, k, b):
   """k^{-1} b from its Cholesky factor; min-norm eigen-solve if that failed.
@@ -170,18 +189,21 @@ def _solve_factored(chol, k, b):
   Module-level and jitted, so repeated solves of one shape compile once (a
   `lax.cond` built per call outside `jit` would recompile every time).
   """
-  def by_cholesky(b):
-    return jsl.cho_solve((chol, True), b)
+  return jax.lax.cond(_factor_failed(chol), lambda b: _min_norm_solve(k, b),
+                      lambda b: jsl.cho_solve((chol, True), b), b)
 
-  def by_eigh(b):
-    evals, evecs = jnp.linalg.eigh(k)
-    cutoff = jnp.max(jnp.abs(evals)) * k.shape[0] * jnp.finfo(k.dtype).eps
-    keep = evals > cutoff
-    inv = jnp.where(keep, 1. / jnp.where(keep, evals, 1.), 0.)
-    return evecs @ (inv[:, None] * (evecs.T @ b))
 
-  failed = ~jnp.all(jnp.isfinite(chol))
-  return jax.lax.cond(failed, by_eigh, by_cholesky, b)
+@jax.jit
+def _train_limit(chol, k, y, f0):
+  """The t -> inf training outputs f0 + k k^+ (y - f0) of gradient flow.
+
+  For a regular kernel that is y exactly (returned as is, free of rounding);
+  for a singular one the flow cannot move f0 off k's range, and the limit
+  is y's part in the range plus f0's part outside it.
+  """
+  return jax.lax.cond(_factor_failed(chol),
+                      lambda: f0 + k @ _min_norm_solve(k, y - f0),
+                      lambda: y)
 
 
 def _solver(k):
@@ -263,9 +285,10 @@ def gradient_descent_mse(k_train_train, y_train, learning_rate: float = 1.,
       kt, rows = layout.kernel_to_matrix(_field(k_test_train, 'ntk', who),
                                          'k_test_train')
     if t is None:
-      train = y
+      chol = _cholesky(k)
+      train = _train_limit(chol, k, y, f0)
       if fx_test_0 is not None:
-        test_delta = kt @ _solver(k)(y - f0)
+        test_delta = kt @ _solve_factored(chol, k, y - f0)
     else:
       s = learning_rate * jnp.asarray(t, k.dtype)[..., None] / size
       evals, evecs = eigen.get()
