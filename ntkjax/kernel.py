@@ -31,6 +31,87 @@ Array = jax.Array
 _source_ids = itertools.count()
 
 
+@dataclasses.dataclass(frozen=True)
+class Spatial:
+  """How a kernel's arrays are laid out over the features' spatial axes.
+
+  Features of shape (batch, S_1, ..., S_s, channels) (images: s = 2) have
+  covariances between every pair of positions. With `diagonal=False` the
+  arrays keep them all, in neural-tangents' interleaved layout:
+
+      nngp, ntk:  (N1, N2, S_1, S_1', ..., S_s, S_s')
+      cov1:       (N1, S_1, S_1', ..., S_s, S_s')       (cov2 alike)
+
+  With `diagonal=True` only same-position covariances are kept (enough for
+  a network that ends in `Flatten`, cost ~ N^2 P instead of N^2 P^2):
+
+      nngp, ntk:  (N1, N2, S_1, ..., S_s);   cov1: (N1, S_1, ..., S_s).
+
+  Channel means and variances are always (N, S_1, ..., S_s). Fully connected
+  features are `Spatial(0)`: nngp (N1, N2), cov1 (N1,).
+
+  Attributes:
+    ndim: number of spatial axes s.
+    diagonal: whether only same-position covariances are kept.
+  """
+  ndim: int = 0
+  diagonal: bool = False
+
+  @property
+  def full(self) -> bool:
+    """Whether covariances between different positions are kept."""
+    return self.ndim > 0 and not self.diagonal
+
+  def variances(self, cov):
+    """Per-position variances (N, S...) from a cov1/cov2 array."""
+    if not self.full:
+      return cov
+    letters = 'abcdefgh'[:self.ndim]
+    pairs = ''.join(c + c for c in letters)
+    return jax.numpy.einsum(f'n{pairs}->n{letters}', cov)
+
+  def pair(self, a1, a2):
+    """(N1, S...) and (N2, S...) per-position arrays, broadcastable against
+    an nngp array (as its x1 and x2 factors)."""
+    a1, a2 = a1[:, None], a2[None, :]
+    if self.full:
+      # (N1, 1, S1, 1, S2, 1, ...) and (1, N2, 1, S1', 1, S2', ...)
+      shape1 = a1.shape[:2] + sum(((n, 1) for n in a1.shape[2:]), ())
+      shape2 = a2.shape[:2] + sum(((1, n) for n in a2.shape[2:]), ())
+      a1, a2 = a1.reshape(shape1), a2.reshape(shape2)
+    return a1, a2
+
+  def self_pair(self, a):
+    """(N, S...) per-position array, broadcastable against a full cov1
+    array at its first and its second position of each pair."""
+    first = a.reshape(a.shape[:1] + sum(((n, 1) for n in a.shape[1:]), ()))
+    second = a.reshape(a.shape[:1] + sum(((1, n) for n in a.shape[1:]), ()))
+    return first, second
+
+  def outer(self, m1, m2):
+    """m1_i(p) m2_j(p') laid out like nngp."""
+    a1, a2 = self.pair(m1, m2)
+    return a1 * a2
+
+  def self_outer(self, m):
+    """m_i(p) m_i(p') laid out like cov1."""
+    if not self.full:
+      return m * m
+    first, second = self.self_pair(m)
+    return first * second
+
+  def swap(self, a):
+    """nngp(x2, x1) laid out for (x1, x2): swaps the batch axes and each
+    pair of position axes."""
+    perm = [1, 0]
+    for d in range(self.ndim):
+      if self.full:
+        perm += [3 + 2 * d, 2 + 2 * d]
+      else:
+        perm += [2 + d]
+    return a.transpose(perm)
+
+
 def new_source_id() -> int:
   """A fresh identifier for a Gaussian field created by an affine layer."""
   return next(_source_ids)
@@ -51,6 +132,7 @@ class Source:
     components: ids of the independent Gaussian fields this one is the sum
       of (just `{source_id}` for an affine layer's output). Two sources are
       independent exactly when their components are disjoint.
+    spatial: the layout of the arrays over spatial axes (`Spatial`).
   """
   nngp: Array
   ntk: Array
@@ -61,12 +143,13 @@ class Source:
   source_id: int = -1
   is_input: bool = False
   components: frozenset = frozenset()
+  spatial: Spatial = Spatial()
 
 
 jax.tree_util.register_dataclass(
     Source,
     data_fields=['nngp', 'ntk', 'cov1', 'cov2', 'mean1', 'mean2'],
-    meta_fields=['source_id', 'is_input', 'components'])
+    meta_fields=['source_id', 'is_input', 'components', 'spatial'])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +168,7 @@ class Term:
       this summand.
     components: ids of the Gaussian fields this summand depends on; summands
       with disjoint components are independent.
+    spatial: the layout of the arrays over spatial axes (`Spatial`).
   """
   nngp: Array
   ntk: Array
@@ -95,12 +179,13 @@ class Term:
   source: Optional[Source] = None
   fn: Any = None
   components: frozenset = frozenset()
+  spatial: Spatial = Spatial()
 
 
 jax.tree_util.register_dataclass(
     Term,
     data_fields=['nngp', 'ntk', 'cov1', 'cov2', 'mean1', 'mean2', 'source'],
-    meta_fields=['fn', 'components'])
+    meta_fields=['fn', 'components', 'spatial'])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +193,12 @@ class Kernel:
   """Infinite-width kernels of one layer's features on inputs `x1`, `x2`.
 
   Attributes:
-    nngp: `(N1, N2)` NNGP kernel (channel-averaged second moment).
-    ntk: `(N1, N2)` neural tangent kernel.
-    cov1: `(N1,)` diagonal of the NNGP kernel of `x1` with itself.
+    nngp: `(N1, N2)` NNGP kernel (channel-averaged second moment); with
+      spatial axes `(N1, N2, S1, S1', ...)` or `(N1, N2, S1, ...)`, see
+      `Spatial`.
+    ntk: the neural tangent kernel, laid out like `nngp`.
+    cov1: `(N1,)` diagonal of the NNGP kernel of `x1` with itself (batch
+      diagonal; spatial covariances as `Spatial` says).
     cov2: `(N2,)` the same for `x2`.
     terms: the independent summands of the features (see module docstring).
     x1_is_x2: whether `x2` was `None` (the kernel is symmetric).
@@ -118,6 +206,7 @@ class Kernel:
     is_input: whether the features are the raw inputs.
     shape1, shape2: shapes of the finite network's features on x1, x2; the
       last axis is the channel axis, whose size is the layer's width.
+    spatial: the layout of the arrays over spatial axes (`Spatial`).
   """
   nngp: Array
   ntk: Array
@@ -129,6 +218,7 @@ class Kernel:
   is_input: bool = False
   shape1: tuple = ()
   shape2: tuple = ()
+  spatial: Spatial = Spatial()
 
   @property
   def channels(self) -> int:
@@ -143,7 +233,8 @@ class Kernel:
 jax.tree_util.register_dataclass(
     Kernel,
     data_fields=['nngp', 'ntk', 'cov1', 'cov2', 'terms'],
-    meta_fields=['x1_is_x2', 'is_gaussian', 'is_input', 'shape1', 'shape2'])
+    meta_fields=['x1_is_x2', 'is_gaussian', 'is_input', 'shape1', 'shape2',
+                 'spatial'])
 
 
 # Names a user may pass as `get`.

@@ -144,7 +144,7 @@ def test_float32_default_and_float64_honoured(inputs):
 
 def test_mismatched_feature_dimensions(inputs):
   x1, _ = inputs
-  with pytest.raises(ValueError, match='same feature dimension'):
+  with pytest.raises(ValueError, match='same per-sample shape'):
     _mlp().kernel_fn(x1, jnp.ones((2, 5)))
 
 
@@ -156,7 +156,26 @@ def test_non_finite_inputs(inputs):
 
 def test_wrong_rank_inputs():
   with pytest.raises(ValueError, match=r'\(batch, features\)'):
-    _mlp().kernel_fn(jnp.ones((2, 3, 4)))
+    _mlp().kernel_fn(jnp.ones((3,)))
+
+
+def test_dense_acts_per_position_on_spatial_inputs(inputs):
+  """(N, S, d) inputs: Dense mixes channels only, so the same-position
+  kernel equals the fully connected kernel of each position's features."""
+  x1, x2 = inputs
+  images1 = jnp.stack([x1, 2 * x1], axis=1)     # (N1, 2 positions, d)
+  images2 = jnp.stack([x2, -x2], axis=1)
+  kernel_fn = _mlp().kernel_fn
+  diagonal = kernel_fn(images1, images2, 'ntk', diagonal_spatial=True)
+  full = kernel_fn(images1, images2, 'ntk')
+  np.testing.assert_allclose(diagonal[:, :, 0], kernel_fn(x1, x2, 'ntk'),
+                             rtol=1e-12)
+  np.testing.assert_allclose(diagonal[:, :, 1],
+                             kernel_fn(2 * x1, -x2, 'ntk'), rtol=1e-12)
+  # The full layout's (p, p') entry pairs position p of x1 with p' of x2.
+  np.testing.assert_allclose(full[:, :, 0, 1], kernel_fn(x1, -x2, 'ntk'),
+                             rtol=1e-12)
+  np.testing.assert_allclose(full[:, :, 1, 1], diagonal[:, :, 1], rtol=1e-12)
 
 
 @pytest.mark.parametrize('kwargs', [{'W_std': -1.}, {'b_std': -0.1},
@@ -176,7 +195,7 @@ def test_bad_parameterization_and_width():
 def test_unknown_kernel_fn_kwargs(inputs):
   x1, x2 = inputs
   with pytest.raises(TypeError, match='unexpected keyword'):
-    _mlp().kernel_fn(x1, x2, 'nngp', diagonal_spatial=True)
+    _mlp().kernel_fn(x1, x2, 'nngp', diagonal_spatal=True)  # misspelt
 
 
 def test_apply_fn_checks_feature_dimension(inputs):

@@ -4,6 +4,9 @@ Every constructor returns a `Layer` `(init_fn, apply_fn, kernel_fn)`; names
 and keyword arguments follow neural-tangents' `stax`.
 """
 
+from ntkjax.stax.conv import Conv
+from ntkjax.stax.pooling import (AvgPool, Flatten, GlobalAvgPool,
+                                 GlobalSumPool, SumPool)
 from ntkjax.stax.combinators import (FanInConcat, FanInProd, FanInSum, FanOut,
                                      parallel, repeat, serial)
 from ntkjax.stax.elementwise import (ABRelu, Abs, Cos, Elementwise,
@@ -18,7 +21,8 @@ from ntkjax.stax.layer import KernelFn, Layer
 from ntkjax.stax.linear import Dense, Identity
 
 __all__ = [
-    'ABRelu', 'Abs', 'Cos', 'Dense', 'Elementwise', 'ElementwiseNumerical',
+    'ABRelu', 'Abs', 'AvgPool', 'Conv', 'Cos', 'Dense', 'Flatten',
+    'GlobalAvgPool', 'GlobalSumPool', 'SumPool', 'Elementwise', 'ElementwiseNumerical',
     'Elu', 'Erf', 'Exp', 'FanInConcat', 'FanInProd', 'FanInSum', 'FanOut',
     'Gaussian', 'Gelu', 'Hermite', 'Identity', 'KernelError', 'KernelFn',
     'Layer', 'LeakyRelu', 'Monomial', 'Polynomial', 'Rbf',

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from ntkjax.kernel import Kernel
 from ntkjax.stax import features
 from ntkjax.stax.features import KernelError
-from ntkjax.stax.layer import (Layer, branch_kernels, kernel_map_of, layer,
-                               same_shapes)
+from ntkjax.stax.layer import (Layer, branch_kernels, input_diagonal_of,
+                               kernel_map_of, layer, same_shapes)
 
 
 def _layer_name(a_layer) -> str:
@@ -58,7 +58,14 @@ def serial(*layers: Layer) -> Layer:
                           f'{error}') from None
     return k
 
-  return layer(name, init_fn, apply_fn, kernel_map)
+  requirements = [input_diagonal_of(l) for l in layers]
+
+  def input_diagonal(output_diagonal):
+    for requirement in reversed(requirements):
+      output_diagonal = requirement(output_diagonal)
+    return output_diagonal
+
+  return layer(name, init_fn, apply_fn, kernel_map, input_diagonal)
 
 
 def parallel(*layers: Layer) -> Layer:
@@ -99,7 +106,13 @@ def parallel(*layers: Layer) -> Layer:
                         f'{len(layers)} layers; use FanOut({len(layers)}).')
     return tuple(m(k) for m, k in zip(maps, ks))
 
-  return layer(name, init_fn, apply_fn, kernel_map)
+  requirements = [input_diagonal_of(l) for l in layers]
+
+  def input_diagonal(output_diagonal):
+    # One layout for all branches: diagonal only if every branch allows it.
+    return all(r(output_diagonal) for r in requirements)
+
+  return layer(name, init_fn, apply_fn, kernel_map, input_diagonal)
 
 
 def repeat(a_layer: Layer, n: int) -> Layer:
@@ -153,7 +166,7 @@ def repeat(a_layer: Layer, n: int) -> Layer:
     return features.gaussian_kernel(*arrays, first)
 
   return layer(f'repeat({_layer_name(a_layer)}, {n})', init_fn,
-               chain.apply_fn, kernel_map)
+               chain.apply_fn, kernel_map, chain.kernel_fn.input_diagonal)
 
 
 def _is_fresh_gaussian(k) -> bool:

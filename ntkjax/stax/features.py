@@ -158,32 +158,54 @@ def term_of(source: Source, fn: Fn) -> Term:
     cov1 = _scaled(source.cov1, s2)
     return Term(_scaled(source.nngp, s2), _scaled(source.ntk, s2), cov1,
                 cov1 if symmetric else _scaled(source.cov2, s2), None, None,
-                source=source, fn=fn, components=components)
+                source=source, fn=fn, components=components,
+                spatial=source.spatial)
 
+  spatial = source.spatial
+  var1 = spatial.variances(source.cov1)
+  var2 = var1 if symmetric else spatial.variances(source.cov2)
   k12 = source.nngp
-  k11, k22 = source.cov1[:, None], source.cov2[None, :]
+  k11, k22 = spatial.pair(var1, var2)
+
+  def own_covariance(cov, var, pairwise, variance):
+    """cov1/cov2 through the map: per-position variances, or (full spatial
+    layout) covariances between positions of one sample."""
+    if not spatial.full:
+      return variance(cov)
+    return pairwise(cov, *spatial.self_pair(var))
+
   if isinstance(fn, Scaled) and fn.act.has_closed_form:
     act, a2, s2 = fn.act, fn.out_scale**2, fn.in_scale**2
-    k12, k11, k22 = (_scaled(k, s2) for k in (k12, k11, k22))
+    pairwise = lambda c12, c11, c22: _scaled(
+        act.nngp(*(_scaled(c, s2) for c in (c12, c11, c22))), a2)
     variance = lambda cov: _scaled(act.variance_or_derived()(_scaled(cov, s2)), a2)
-    cov1 = variance(source.cov1)
+    cov1 = own_covariance(source.cov1, var1, pairwise, variance)
+    k12, k11, k22 = (_scaled(k, s2) for k in (k12, k11, k22))
     return Term(
         nngp=_scaled(act.nngp(k12, k11, k22), a2),
         ntk=source.ntk * _scaled(act.ntk_factor_or_derived()(k12, k11, k22),
                                  a2 * s2),
-        cov1=cov1, cov2=cov1 if symmetric else variance(source.cov2),
-        mean1=None, mean2=None, source=source, fn=fn, components=components)
+        cov1=cov1,
+        cov2=cov1 if symmetric else own_covariance(source.cov2, var2,
+                                                   pairwise, variance),
+        mean1=None, mean2=None, source=source, fn=fn, components=components,
+        spatial=spatial)
 
   d_fn = dual.derivative(fn)
   square = lambda x: fn(x)**2
   degree_1d = max(fn.degree, 64)  # 1-d rules are cheap: use more nodes.
-  cov1 = dual.expect_1d(square, source.cov1, degree_1d)
+  pairwise = lambda c12, c11, c22: dual.expect_2d(fn, fn, c12, c11, c22,
+                                                  fn.degree)
+  variance = lambda cov: dual.expect_1d(square, cov, degree_1d)
+  cov1 = own_covariance(source.cov1, var1, pairwise, variance)
   return Term(
       nngp=dual.expect_2d(fn, fn, k12, k11, k22, fn.degree),
       ntk=source.ntk * dual.expect_2d(d_fn, d_fn, k12, k11, k22, fn.degree),
       cov1=cov1,
-      cov2=cov1 if symmetric else dual.expect_1d(square, source.cov2, degree_1d),
-      mean1=None, mean2=None, source=source, fn=fn, components=components)
+      cov2=cov1 if symmetric else own_covariance(source.cov2, var2, pairwise,
+                                                 variance),
+      mean1=None, mean2=None, source=source, fn=fn, components=components,
+      spatial=spatial)
 
 
 def term_means(term: Term):
@@ -191,21 +213,25 @@ def term_means(term: Term):
   if term.mean1 is not None:
     return term.mean1, term.mean2
   source, fn = term.source, term.fn
+  spatial = source.spatial
   if isinstance(fn, Linear):
     if source.mean1 is None:  # a zero-mean Gaussian field
-      return jnp.zeros_like(source.cov1), jnp.zeros_like(source.cov2)
+      return (jnp.zeros_like(spatial.variances(source.cov1)),
+              jnp.zeros_like(spatial.variances(source.cov2)))
     return fn.scale * source.mean1, fn.scale * source.mean2
+  var1, var2 = (spatial.variances(source.cov1),
+                spatial.variances(source.cov2))
   if isinstance(fn, Scaled) and fn.act.mean is not None:
     a, s2 = fn.out_scale, fn.in_scale**2
-    return (a * fn.act.mean(s2 * source.cov1), a * fn.act.mean(s2 * source.cov2))
+    return (a * fn.act.mean(s2 * var1), a * fn.act.mean(s2 * var2))
   if isinstance(fn, Scaled) and not fn.act.has_fn:
     raise KernelError(
         f'{fn.act.name} was given nngp_fn but no fn, so its mean E[fn(u)] is '
         'unknown, and combining it with other branches needs it. Pass fn= to '
         'Elementwise as well.')
   degree_1d = max(fn.degree, 64)
-  return (dual.expect_1d(fn, source.cov1, degree_1d),
-          dual.expect_1d(fn, source.cov2, degree_1d))
+  return (dual.expect_1d(fn, var1, degree_1d),
+          dual.expect_1d(fn, var2, degree_1d))
 
 
 def _components(items) -> frozenset:
@@ -231,13 +257,18 @@ def kernel_from_terms(terms: Sequence[Term], like: Kernel, **changes) -> Kernel:
     t = terms[0]
     nngp, ntk, cov1, cov2 = t.nngp, t.ntk, t.cov1, t.cov2
   else:
+    spatial = terms[0].spatial
     means = [term_means(t) for t in terms]
     mean1, mean2 = sum(m[0] for m in means), sum(m[1] for m in means)
-    nngp = sum(t.nngp - m1[:, None] * m2[None, :]
+    nngp = sum(t.nngp - spatial.outer(m1, m2)
                for t, (m1, m2) in zip(terms, means))
-    nngp = nngp + mean1[:, None] * mean2[None, :]
-    cov1 = sum(t.cov1 - m1**2 for t, (m1, _) in zip(terms, means)) + mean1**2
-    cov2 = sum(t.cov2 - m2**2 for t, (_, m2) in zip(terms, means)) + mean2**2
+    nngp = nngp + spatial.outer(mean1, mean2)
+    cov1 = (sum(t.cov1 - spatial.self_outer(m1)
+                for t, (m1, _) in zip(terms, means))
+            + spatial.self_outer(mean1))
+    cov2 = (sum(t.cov2 - spatial.self_outer(m2)
+                for t, (_, m2) in zip(terms, means))
+            + spatial.self_outer(mean2))
     ntk = sum(t.ntk for t in terms)
   is_gaussian = all(_is_gaussian_term(t) for t in terms)
   return like.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, terms=terms,
@@ -249,12 +280,13 @@ def collapse(kernel: Kernel) -> Term:
   terms = kernel.terms
   return Term(kernel.nngp, kernel.ntk, kernel.cov1, kernel.cov2,
               *_means(terms),
-              components=_components(terms))
+              components=_components(terms), spatial=kernel.spatial)
 
 
 def gaussian_kernel(nngp, ntk, cov1, cov2, like: Kernel, **changes) -> Kernel:
   """The Kernel of a fresh Gaussian field (the output of an affine layer)."""
-  source = new_source(nngp, ntk, cov1, cov2)
+  source = new_source(nngp, ntk, cov1, cov2,
+                      spatial=changes.get('spatial', like.spatial))
   return kernel_from_terms([term_of(source, Linear(1.))], like,
                            is_input=False, **changes)
 
@@ -297,13 +329,14 @@ def apply_elementwise(kernel: Kernel, act: dual.Activation,
     # A sum of independent zero-mean Gaussian fields is one Gaussian field.
     source = new_source(
         kernel.nngp, kernel.ntk, kernel.cov1, kernel.cov2,
-        components=_components(terms))
+        components=_components(terms), spatial=kernel.spatial)
     return kernel_from_terms([term_of(source, compose(act, Linear(1.)))],
                              kernel)
   if any(t.source is None for t in terms):
-    why = ('its input is a product of independent branches or a '
+    why = ('its input is a product of independent branches, a '
            'concatenation of branches with different distributions (FanInProd '
-           'or FanInConcat)')
+           'or FanInConcat), or pooled/flattened non-Gaussian features (a '
+           'mixture over positions)')
   else:
     why = (f'its input is a sum of {len(terms)} independent fields, not all '
            'Gaussian (FanInSum of non-Gaussian branches)')
@@ -364,7 +397,8 @@ def fan_in_prod(kernels: Sequence[Kernel]) -> Kernel:
         others = others * q.nngp
     ntk = ntk + p.ntk * others
   components = _components(parts)
-  term = Term(nngp, ntk, cov1, cov2, mean1, mean2, components=components)
+  term = Term(nngp, ntk, cov1, cov2, mean1, mean2, components=components,
+              spatial=kernels[0].spatial)
   return kernel_from_terms([term], kernels[0], is_input=False)
 
 
@@ -376,5 +410,6 @@ def fan_in_concat(kernels: Sequence[Kernel], widths: Sequence[int]) -> Kernel:
   avg = lambda name: sum(w * getattr(p, name) for w, p in zip(weights, parts))
   components = _components(parts)
   term = Term(avg('nngp'), avg('ntk'), avg('cov1'), avg('cov2'),
-              avg('mean1'), avg('mean2'), components=components)
+              avg('mean1'), avg('mean2'), components=components,
+              spatial=kernels[0].spatial)
   return kernel_from_terms([term], kernels[0], is_input=False)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntkjax.kernel import KERNEL_FIELDS, Kernel
+from ntkjax.kernel import KERNEL_FIELDS, Kernel, Spatial
 from ntkjax.stax import features
 from ntkjax.stax.features import KernelError
 
@@ -102,11 +102,11 @@ def _canonical_inputs(x1, x2):
       x = np.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
       x = jnp.asarray(x, jnp.result_type(float))
-    if x.ndim != 2:
+    if x.ndim < 2:
       raise ValueError(
-          f'kernel_fn: {name} has shape {tuple(x.shape)}; fully connected '
-          'networks take inputs of shape (batch, features). Reshape images to '
-          '(batch, -1) for a fully connected network.')
+          f'kernel_fn: {name} has shape {tuple(x.shape)}; inputs are '
+          '(batch, features) for fully connected networks or (batch, '
+          'spatial..., channels) for convolutional ones.')
     if is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
       raise ValueError(f'kernel_fn: {name} contains NaN or infinite values; '
                        'clean or impute the data first.')
@@ -117,33 +117,57 @@ def _canonical_inputs(x1, x2):
     x2 = as_float(x2, 'x2')
     if x1.shape[1:] != x2.shape[1:]:
       raise ValueError(
-          f'kernel_fn: x1 has {x1.shape[1]} features per sample but x2 has '
-          f'{x2.shape[1]}; both batches must have the same feature dimension.')
+          f'kernel_fn: x1 samples have shape {tuple(x1.shape[1:])} but x2 '
+          f'samples have {tuple(x2.shape[1:])}; both batches must have the '
+          'same per-sample shape.')
     if x1.dtype != x2.dtype:
       dtype = jnp.promote_types(x1.dtype, x2.dtype)
       x1, x2 = x1.astype(dtype), x2.astype(dtype)
   return x1, x2
 
 
-def input_kernel(x1, x2=None) -> Kernel:
-  """The Kernel of the raw inputs: nngp = x1 x2^T / d (DESIGN.md section 2)."""
-  d = x1.shape[-1]
-  dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
-  if x2 is None:
-    nngp = dot(x1, x1.T) / d
-    nngp = (nngp + nngp.T) / 2  # exactly symmetric, whatever the GEMM does
-    cov1 = cov2 = jnp.diagonal(nngp)
-    mean1 = mean2 = jnp.mean(x1, axis=-1)
-    shape2 = x1.shape
+def input_kernel(x1, x2=None, diagonal_spatial: bool = False) -> Kernel:
+  """The Kernel of the raw inputs (DESIGN.md section 2).
+
+  Inputs are (N, S_1, ..., S_s, C): the channel axis is last, s >= 0 spatial
+  axes between. nngp_ij(p, p') = <x1_i(p), x2_j(p')> / C for every pair of
+  positions (or only p = p' with `diagonal_spatial`), laid out as
+  `ntkjax.kernel.Spatial` describes; the channel means are kept for the
+  bookkeeping of sums of non-Gaussian branches.
+
+  Args:
+    x1, x2: input batches (x2 None: x2 = x1).
+    diagonal_spatial: keep only same-position covariances.
+
+  Returns:
+    The input `Kernel`.
+  """
+  spatial = Spatial(x1.ndim - 2, bool(diagonal_spatial) and x1.ndim > 2)
+  channels = x1.shape[-1]
+  letters = 'abcdefgh'[:spatial.ndim]
+  if spatial.full:
+    upper = letters.upper()
+    pairs = ''.join(a + b for a, b in zip(letters, upper))
+    cross = f'n{letters}c,m{upper}c->nm{pairs}'
+    own = f'n{letters}c,n{upper}c->n{pairs}'
   else:
-    nngp = dot(x1, x2.T) / d
-    cov1, cov2 = jnp.sum(x1**2, -1) / d, jnp.sum(x2**2, -1) / d
-    mean1, mean2 = jnp.mean(x1, -1), jnp.mean(x2, -1)
-    shape2 = x2.shape
+    cross = f'n{letters}c,m{letters}c->nm{letters}'
+    own = f'n{letters}c,n{letters}c->n{letters}'
+  dot = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
+  second = x1 if x2 is None else x2
+  nngp = dot(cross, x1, second) / channels
+  if x2 is None:
+    nngp = (nngp + spatial.swap(nngp)) / 2  # exactly symmetric
+  cov1 = dot(own, x1, x1) / channels
+  cov2 = cov1 if x2 is None else dot(own, x2, x2) / channels
+  mean1 = jnp.mean(x1, -1)
+  mean2 = mean1 if x2 is None else jnp.mean(x2, -1)
   source = features.new_source(nngp, jnp.zeros_like(nngp), cov1, cov2,
-                               mean1=mean1, mean2=mean2, is_input=True)
+                               mean1=mean1, mean2=mean2, is_input=True,
+                               spatial=spatial)
   like = Kernel(nngp, nngp, cov1, cov2, x1_is_x2=x2 is None, is_input=True,
-                shape1=tuple(x1.shape), shape2=tuple(shape2))
+                shape1=tuple(x1.shape), shape2=tuple(second.shape),
+                spatial=spatial)
   return features.kernel_from_terms(
       [features.term_of(source, features.Linear(1.))], like, is_input=True)
 
@@ -182,7 +206,7 @@ def _computed_together(tree):
   """
   leaves, treedef = jax.tree.flatten(tree)
   big = [i for i, leaf in enumerate(leaves)
-         if not is_concrete(leaf) and leaf.ndim == 2]
+         if not is_concrete(leaf) and leaf.ndim >= 2]
   if len(big) < 2:
     return tree
   shape = leaves[big[0]].shape
@@ -201,7 +225,7 @@ def select(kernel, get):
     return type(kernel)(select(k, get) for k in kernel)
   if kernel.x1_is_x2:
     # Quadrature is not exactly symmetric in (i, j); the kernel is.
-    symmetrize = lambda a: (a + jnp.swapaxes(a, 0, 1)) / 2
+    symmetrize = lambda a: (a + kernel.spatial.swap(a)) / 2
     kernel = kernel.replace(nngp=symmetrize(kernel.nngp),
                             ntk=symmetrize(kernel.ntk))
   if get is None:
@@ -216,27 +240,49 @@ def select(kernel, get):
 # The outer kernel_fn.
 
 
+def keeps_layout(output_diagonal: bool) -> bool:
+  """The default spatial requirement: a layer that acts position by
+  position (Dense, activations, Conv) can run pixel-diagonal exactly when its
+  output may be pixel-diagonal."""
+  return output_diagonal
+
+
 class KernelFn:
   """`kernel_fn(x1, x2=None, get=None)`: a layer's infinite-width kernels.
 
   Args (of a call):
-    x1: `(N1, d)` inputs, or a `Kernel` (then `x2` must be None).
-    x2: `(N2, d)` inputs, or None for `x2 = x1` (a symmetric kernel).
+    x1: `(N1, d)` or `(N1, S_1, ..., S_s, C)` inputs (channels last), or a
+      `Kernel` (then `x2` must be None).
+    x2: inputs like x1, or None for `x2 = x1` (a symmetric kernel).
     get: None for the whole `Kernel`, a field name ('nngp', 'ntk', 'cov1',
       'cov2'), or a tuple of names (returns a named tuple).
+    diagonal_spatial: for a network whose *output* has spatial axes (e.g. it
+      ends in a Conv): False (default) returns the covariances between all
+      pairs of positions, True only same-position ones (cheaper). Inside the
+      network the layout is decided from the architecture: layers before a
+      `Flatten` keep only same-position covariances, layers before a pooling
+      layer keep them all (`ntkjax.kernel.Spatial`).
 
   Returns:
     The requested kernel(s). Calls run op by op; for speed wrap them in
     `jax.jit(kernel_fn, static_argnames='get')` (as with neural-tangents).
     Not jitting by default keeps very deep networks cheap to call once: XLA's
     compile time grows faster than linearly with depth.
+
+  Attributes:
+    kernel_map: the layer's `Kernel -> Kernel` map (combinators compose it).
+    input_diagonal: `output_may_be_diagonal -> input_may_be_diagonal`, the
+      layer's spatial requirement (combinators compose it backwards).
   """
 
-  def __init__(self, kernel_map: KernelMap, name: str):
+  def __init__(self, kernel_map: KernelMap, name: str,
+               input_diagonal: Callable[[bool], bool] = keeps_layout):
     self.kernel_map = kernel_map
     self.name = name
+    self.input_diagonal = input_diagonal
 
-  def __call__(self, x1, x2=None, get: Get = None, **kwargs):
+  def __call__(self, x1, x2=None, get: Get = None,
+               diagonal_spatial: Optional[bool] = None, **kwargs):
     if kwargs:
       raise TypeError(f'{self.name}.kernel_fn got unexpected keyword arguments '
                       f'{sorted(kwargs)}.')
@@ -246,16 +292,25 @@ class KernelFn:
         raise ValueError('kernel_fn: pass x2=None when x1 is a Kernel.')
       return select(self.kernel_map(x1), get)
     x1, x2 = _canonical_inputs(x1, x2)
-    return select(self.kernel_map(input_kernel(x1, x2)), get)
+    diagonal = self.input_diagonal(bool(diagonal_spatial))
+    return select(self.kernel_map(input_kernel(x1, x2, diagonal)), get)
 
   def __repr__(self):
     return f'<kernel_fn of {self.name}>'
 
 
 def layer(name: str, init_fn: Callable, apply_fn: Callable,
-          kernel_map: KernelMap) -> Layer:
-  """Assemble a `Layer` from its three parts."""
-  return Layer(init_fn, apply_fn, KernelFn(kernel_map, name))
+          kernel_map: KernelMap,
+          input_diagonal: Callable[[bool], bool] = keeps_layout) -> Layer:
+  """Assemble a `Layer` from its three parts (and its spatial requirement,
+  see `KernelFn.input_diagonal`)."""
+  return Layer(init_fn, apply_fn, KernelFn(kernel_map, name, input_diagonal))
+
+
+def input_diagonal_of(a_layer: Layer) -> Callable[[bool], bool]:
+  """A layer's spatial requirement (see `KernelFn`)."""
+  kernel_fn = a_layer[2]
+  return getattr(kernel_fn, 'input_diagonal', keeps_layout)
 
 
 def kernel_map_of(a_layer: Layer) -> KernelMap:

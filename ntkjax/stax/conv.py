@@ -1,0 +1,287 @@
+"""Convolutions: `Conv` in 1, 2 or 3 spatial dimensions.
+
+Finite network (NTK parameterization, the default; Novak et al. 2019,
+Arora et al. 2019): for an input x of shape (N, S_1, ..., S_s, C) and a
+filter of F = prod(filter_shape) positions,
+
+    z(p) = W_std / sqrt(F C) sum_{a, c} W[a, c, :] x(p s + a - pad, c)
+           + b_std b,                                   W, b ~ N(0, 1).
+
+Kernel. Weights are shared across positions but independent across filter
+offsets a and channels, so for output positions o, o' (per spatial axis,
+with zero or circular padding of the input kernel):
+
+    nngp'(o, o') = W_std^2 / F sum_a nngp(o s + a, o' s + a) + b_std^2,
+    ntk'(o, o')  = nngp'(o, o') + W_std^2 / F sum_a ntk(o s + a, o' s + a)
+
+(the sum runs along the diagonal a = a': a "diagonal convolution" of the
+covariance; Novak et al. 2019, eq. 7; Arora et al. 2019). Same-position
+covariances map to same-position covariances, so a pixel-diagonal kernel
+stays pixel-diagonal: nngp'(o, o) = W_std^2 / F sum_a nngp(o s + a, o s + a)
++ b_std^2. The sums are separable over spatial axes; each is `f` strided
+slices of the padded array added up, which XLA fuses into the next layer's
+elementwise kernel map.
+
+Standard parameterization (Sohl-Dickstein et al. 2020), as for `Dense` with
+fan-in F C: W ~ N(0, W_std^2 s0 / (F C)), z = sum W x / sqrt(s0) + b, and
+    ntk' = (F C / s0) (1/F) sum_a nngp(...) + W_std^2 (1/F) sum_a ntk(...)
+           + [1 if there is a bias].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ntkjax.kernel import Kernel
+from ntkjax.stax import features
+from ntkjax.stax.features import KernelError
+from ntkjax.stax.layer import Layer, check_nonnegative, layer, single_kernel
+
+PADDINGS = ('VALID', 'SAME', 'CIRCULAR')
+_SPATIAL_LETTERS = {1: 'W', 2: 'HW', 3: 'DHW'}
+
+
+# ----------------------------------------------------------------------------
+# Geometry shared by convolutions and pooling.
+
+
+def window_geometry(sizes: Sequence[int], window: Sequence[int],
+                    strides: Sequence[int], padding: str, layer_name: str):
+  """Output sizes and (low, high) paddings of a sliding window, per axis.
+
+  Follows `lax.padtype_to_pads`: 'SAME' (and 'CIRCULAR') pad
+  max((out - 1) s + f - n, 0) in total, the smaller half first.
+
+  Args:
+    sizes: input spatial sizes.
+    window: window (filter) sizes.
+    strides: strides.
+    padding: 'VALID', 'SAME' or 'CIRCULAR'.
+    layer_name: for error messages.
+
+  Returns:
+    (output sizes, ((lo, hi), ...)).
+  """
+  outs, pads = [], []
+  for n, f, s in zip(sizes, window, strides):
+    if padding == 'VALID':
+      if f > n:
+        raise KernelError(
+            f"{layer_name}: the window ({f}) is larger than the input ({n}) "
+            "along a spatial axis with padding='VALID'; use padding='SAME' or "
+            'a smaller filter.')
+      outs.append((n - f) // s + 1)
+      pads.append((0, 0))
+    else:
+      out = -(-n // s)
+      total = max((out - 1) * s + f - n, 0)
+      outs.append(out)
+      pads.append((total // 2, total - total // 2))
+  return tuple(outs), tuple(pads)
+
+
+def check_padding(padding: str, name: str) -> str:
+  """Canonical padding name; a clear error otherwise."""
+  if not isinstance(padding, str) or padding.upper() not in PADDINGS:
+    raise ValueError(f'{name}: padding must be one of {PADDINGS}, got '
+                     f'{padding!r}.')
+  return padding.upper()
+
+
+def pad_axes(a, axes: Sequence[int], pad: tuple, circular: bool):
+  """Pads `a` by `pad` = (lo, hi) on each of `axes` (zeros or wrap-around)."""
+  if pad == (0, 0):
+    return a
+  widths = [(0, 0)] * a.ndim
+  for axis in axes:
+    widths[axis] = pad
+  return jnp.pad(a, widths, mode='wrap' if circular else 'constant')
+
+
+def _strided(a, axis: int, start: int, count: int, stride: int):
+  return lax.slice_in_dim(a, start, start + stride * (count - 1) + 1, stride,
+                          axis)
+
+
+def diagonal_window_sum(a, axes: Sequence[int], size: int, window: int,
+                        stride: int, pad: tuple, circular: bool):
+  """sum_a a[o s + a, o' s + a] over the axes (one axis: a[o s + a]).
+
+  The "diagonal convolution" of a covariance along one spatial axis (its
+  x1 and x2 position axes given as `axes`), after padding.
+  """
+  a = pad_axes(a, axes, pad, circular)
+  total = None
+  for offset in range(window):
+    part = a
+    for axis in axes:
+      part = _strided(part, axis, offset, size, stride)
+    total = part if total is None else total + part
+  return total
+
+
+def box_window_sum(a, axis: int, size: int, window: int, stride: int,
+                   pad: tuple, circular: bool):
+  """sum_a a[o s + a] along one axis (a pooling window), after padding."""
+  a = pad_axes(a, [axis], pad, circular)
+  total = None
+  for offset in range(window):
+    part = _strided(a, axis, offset, size, stride)
+    total = part if total is None else total + part
+  return total
+
+
+def spatial_axes(k: Kernel, d: int):
+  """Axes of spatial axis d in (nngp/ntk, cov1/cov2) arrays of `k`."""
+  if k.spatial.full:
+    return (2 + 2 * d, 3 + 2 * d), (1 + 2 * d, 2 + 2 * d)
+  return (2 + d,), (1 + d,)
+
+
+def check_spatial_input(k: Kernel, ndim: int, name: str):
+  """Raise unless `k` has `ndim` spatial axes."""
+  if k.spatial.ndim != ndim:
+    got = len(k.shape1)
+    raise KernelError(
+        f'{name} needs inputs of rank {ndim + 2} (batch, {ndim} spatial '
+        f'axes, channels) but received features of rank {got} (shape '
+        f'{tuple(k.shape1)}); reshape the inputs (e.g. add a channel axis '
+        'of size 1) or use a layer for that rank.')
+
+
+# ----------------------------------------------------------------------------
+# Conv.
+
+
+def _dimension_numbers(dimension_numbers, ndim: int, name: str):
+  """lax dimension numbers; only channels-last layouts are supported."""
+  letters = _SPATIAL_LETTERS[ndim]
+  default = ('N' + letters + 'C', letters + 'IO', 'N' + letters + 'C')
+  if dimension_numbers is None:
+    return default
+  lhs, rhs, out = dimension_numbers
+  if lhs != out or lhs[0] != 'N' or lhs[-1] != 'C' or rhs[-2:] != 'IO' or (
+      rhs[:-2] != lhs[1:-1]):
+    raise NotImplementedError(
+        f'{name}: dimension_numbers={dimension_numbers!r} is not supported; '
+        f'kernels need batch-first, channels-last features, e.g. {default}. '
+        'Transpose your inputs (x.transpose(...)) to that layout.')
+  return tuple(dimension_numbers)
+
+
+def Conv(out_chan: int, filter_shape: Sequence[int],
+         strides: Optional[Sequence[int]] = None, padding: str = 'VALID',
+         W_std=1., b_std=None, dimension_numbers=None,
+         parameterization: str = 'ntk', s: tuple = (1, 1)) -> Layer:
+  """A convolution with shared weights (see the module docstring).
+
+  Args:
+    out_chan: output channels of the finite network.
+    filter_shape: filter size per spatial axis (1, 2 or 3 axes).
+    strides: stride per spatial axis (default 1).
+    padding: 'VALID', 'SAME' or 'CIRCULAR' (periodic: wrap-around).
+    W_std: weight standard deviation.
+    b_std: bias standard deviation; None means no bias.
+    dimension_numbers: lax-style (lhs, rhs, out) specs; channels-last only,
+      e.g. ('NHWC', 'HWIO', 'NHWC') (the default).
+    parameterization: 'ntk' or 'standard'.
+    s: width scalings (s0, s1) of the standard parameterization.
+
+  Returns:
+    A `Layer`.
+  """
+  filter_shape = tuple(filter_shape)
+  ndim = len(filter_shape)
+  name = f'Conv({out_chan}, {filter_shape})'
+  if ndim not in _SPATIAL_LETTERS:
+    raise ValueError(f'{name}: filter_shape must have 1, 2 or 3 entries.')
+  if not isinstance(out_chan, int) or out_chan < 1:
+    raise ValueError(f'{name}: out_chan must be a positive int.')
+  if any(not isinstance(f, int) or f < 1 for f in filter_shape):
+    raise ValueError(f'{name}: filter sizes must be positive ints.')
+  strides = (1,) * ndim if strides is None else tuple(strides)
+  if len(strides) != ndim or any(not isinstance(t, int) or t < 1
+                                 for t in strides):
+    raise ValueError(f'{name}: strides must be {ndim} positive ints, got '
+                     f'{strides!r}.')
+  padding = check_padding(padding, name)
+  if parameterization not in ('ntk', 'standard'):
+    raise ValueError(f"{name}: parameterization must be 'ntk' or 'standard'.")
+  check_nonnegative(W_std, 'W_std', name)
+  check_nonnegative(b_std, 'b_std', name)
+  dims = _dimension_numbers(dimension_numbers, ndim, name)
+  window = math.prod(filter_shape)
+  s0 = s[0]
+
+  def geometry(input_shape):
+    if len(input_shape) != ndim + 2:
+      raise ValueError(
+          f'{name}: inputs must have rank {ndim + 2} (batch, {ndim} spatial '
+          f'axes, channels); got shape {tuple(input_shape)}.')
+    return window_geometry(input_shape[1:-1], filter_shape, strides, padding,
+                           name)
+
+  def init_fn(key, input_shape):
+    sizes, _ = geometry(input_shape)
+    in_chan = input_shape[-1]
+    key_w, key_b = jax.random.split(key)
+    w = jax.random.normal(key_w, filter_shape + (in_chan, out_chan))
+    b = None if b_std is None else jax.random.normal(key_b, (out_chan,))
+    if parameterization == 'standard':
+      w = w * (W_std * jnp.sqrt(s0 / (window * in_chan)))
+      b = None if b is None else b * b_std
+    return (input_shape[0],) + sizes + (out_chan,), (w, b)
+
+  def apply_fn(params, x, **kwargs):
+    w, b = params
+    if x.ndim != ndim + 2 or x.shape[-1] != w.shape[-2]:
+      raise ValueError(
+          f'{name}: input of shape {x.shape} does not fit parameters '
+          f'initialized for {w.shape[-2]} channels and {ndim} spatial axes.')
+    _, pads = geometry(x.shape)
+    if padding == 'CIRCULAR':
+      x = jnp.pad(x, ((0, 0),) + pads + ((0, 0),), mode='wrap')
+      pads = ((0, 0),) * ndim
+    y = lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=dims)
+    if parameterization == 'ntk':
+      y = y * (W_std / jnp.sqrt(window * x.shape[-1]))
+      return y if b is None else y + b_std * b
+    y = y / jnp.sqrt(s0)
+    return y if b is None else y + b
+
+  def kernel_map(k):
+    k = single_kernel(k, name)
+    check_spatial_input(k, ndim, name)
+    sizes, pads = geometry(k.shape1)
+    circular = padding == 'CIRCULAR'
+
+    def convolve(a, which):
+      for d in range(ndim):
+        axes = spatial_axes(k, d)[which]
+        a = diagonal_window_sum(a, axes, sizes[d], filter_shape[d],
+                                strides[d], pads[d], circular)
+      return a / window
+
+    w2 = W_std**2
+    b2 = 0. if b_std is None else b_std**2
+    nngp_in = convolve(k.nngp, 0)
+    nngp = w2 * nngp_in + b2
+    cov1 = w2 * convolve(k.cov1, 1) + b2
+    cov2 = cov1 if k.x1_is_x2 and k.cov2 is k.cov1 else (
+        w2 * convolve(k.cov2, 1) + b2)
+    if parameterization == 'ntk':
+      ntk = nngp + w2 * convolve(k.ntk, 0)
+    else:
+      ntk = (window * k.channels / s0) * nngp_in + w2 * convolve(k.ntk, 0)
+      ntk = ntk if b_std is None else ntk + 1.
+    shape1 = (k.shape1[0],) + sizes + (out_chan,)
+    shape2 = (k.shape2[0],) + sizes + (out_chan,)
+    return features.gaussian_kernel(nngp, ntk, cov1, cov2, k, shape1=shape1,
+                                    shape2=shape2)
+
+  return layer(name, init_fn, apply_fn, kernel_map)

@@ -1,0 +1,319 @@
+"""Pooling and flattening: `AvgPool`, `SumPool`, `GlobalAvgPool`,
+`GlobalSumPool`, `Flatten`.
+
+These layers are linear and have no parameters, so their kernels are the
+covariances of linear maps of the features (no new randomness):
+
+* window pooling, per spatial axis with windows of f and stride s,
+      nngp'(o, o') = c sum_{a, b} nngp(o s + a, o' s + b)
+  (c = 1 / f^2 for averages, 1 for sums; with `normalize_edges` the average
+  divides by the number of non-padding entries of each window). Unlike a
+  convolution this mixes *different* positions a != b, so it needs the
+  covariances between all pairs of positions: a pixel-diagonal kernel
+  cannot be pooled (neural-tangents accepts one and silently pools its
+  diagonal, which is not the pooled features' kernel).
+* global pooling: nngp' = mean (or sum) over all pairs of positions.
+* `Flatten`: the features become (N, P C) with P positions, so the
+  channel-averaged second moment is the mean over positions of the
+  same-position covariance, nngp' = (1/P) sum_p nngp(p, p) (Novak et al.
+  2019): only the pixel diagonal is needed, so layers before a `Flatten`
+  run pixel-diagonal (cost ~ N^2 P instead of N^2 P^2).
+
+A pooled Gaussian field is again Gaussian (of the same random weights, so
+its independence bookkeeping keeps the input's components). Pooled or
+flattened non-Gaussian features are mixtures across positions; a
+nonlinearity applied to them directly raises a `KernelError` (put a
+Dense/Conv first, as every practical architecture does).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import jax.numpy as jnp
+
+from ntkjax.kernel import Kernel, Spatial, Term
+from ntkjax.stax import features
+from ntkjax.stax.conv import (box_window_sum, check_padding, spatial_axes,
+                              window_geometry)
+from ntkjax.stax.features import KernelError
+from ntkjax.stax.layer import Layer, layer, single_kernel
+
+
+def _needs_full(output_diagonal: bool) -> bool:
+  del output_diagonal  # pooling needs all pairs of positions, whatever follows
+  return False
+
+
+def _any_layout(output_diagonal: bool) -> bool:
+  del output_diagonal  # Flatten needs the pixel diagonal only
+  return True
+
+
+def _require_full(k: Kernel, name: str):
+  if k.spatial.ndim == 0:
+    raise KernelError(f'{name} needs spatial features (batch, spatial..., '
+                      f'channels) but received shape {tuple(k.shape1)}.')
+  if k.spatial.diagonal:
+    raise KernelError(
+        f'{name} needs the covariances between different positions, but the '
+        'kernel it received keeps only same-position ones '
+        '(diagonal_spatial=True). Call kernel_fn with diagonal_spatial=False '
+        '(the default) or pool before the layer that dropped them.')
+
+
+def _output_kernel(k: Kernel, nngp, ntk, cov1, cov2, map_means,
+                   spatial: Spatial, shape1: tuple, shape2: tuple,
+                   keeps_gaussian: bool = True) -> Kernel:
+  """The Kernel of a parameter-free linear map of `k`'s features.
+
+  Args:
+    k: the input kernel.
+    nngp, ntk, cov1, cov2: the mapped moments.
+    map_means: the same linear map on per-position channel means (N, S...).
+    spatial, shape1, shape2: the output layout and shapes.
+    keeps_gaussian: whether the map takes a Gaussian field to one whose
+      channels are identically distributed Gaussians (pooling), rather than
+      to a mixture over positions (Flatten).
+
+  Returns:
+    The output Kernel: the raw inputs stay inputs, a Gaussian field stays
+    Gaussian (same components: same random weights), anything else becomes
+    one opaque term (no nonlinearity may follow directly).
+  """
+  whole = features.collapse(k)
+  if k.is_input or (k.is_gaussian and keeps_gaussian):
+    means = {}
+    if k.is_input:
+      means = dict(mean1=map_means(whole.mean1), mean2=map_means(whole.mean2))
+    source = features.new_source(nngp, ntk, cov1, cov2,
+                                 components=whole.components,
+                                 is_input=k.is_input, spatial=spatial, **means)
+    term = features.term_of(source, features.Linear(1.))
+  else:
+    term = Term(nngp, ntk, cov1, cov2, map_means(whole.mean1),
+                map_means(whole.mean2), components=whole.components,
+                spatial=spatial)
+  return features.kernel_from_terms([term], k, spatial=spatial, shape1=shape1,
+                                    shape2=shape2, is_input=k.is_input)
+
+
+def _check_window(window_shape, strides, name):
+  window_shape = tuple(window_shape)
+  if not window_shape or any(not isinstance(w, int) or w < 1
+                             for w in window_shape):
+    raise ValueError(f'{name}: window_shape must be positive ints, got '
+                     f'{window_shape!r}.')
+  strides = (1,) * len(window_shape) if strides is None else tuple(strides)
+  if len(strides) != len(window_shape) or any(
+      not isinstance(t, int) or t < 1 for t in strides):
+    raise ValueError(f'{name}: strides must be {len(window_shape)} positive '
+                     f'ints, got {strides!r}.')
+  return window_shape, strides
+
+
+def _check_axes(batch_axis: int, channel_axis: int, name: str):
+  if (batch_axis, channel_axis) != (0, -1):
+    raise NotImplementedError(
+        f'{name}: only batch_axis=0, channel_axis=-1 are supported; transpose '
+        'your inputs to (batch, spatial..., channels).')
+
+
+def _pool(window_shape, strides, padding, normalize_edges, average: bool,
+          name: str) -> Layer:
+  """AvgPool / SumPool."""
+  window_shape, strides = _check_window(window_shape, strides, name)
+  padding = check_padding(padding, name)
+  ndim = len(window_shape)
+  circular = padding == 'CIRCULAR'
+  # Edge normalization only changes anything where SAME pads with zeros.
+  by_count = average and normalize_edges and padding == 'SAME'
+
+  def geometry(shape):
+    if len(shape) != ndim + 2:
+      raise ValueError(f'{name}: inputs must have rank {ndim + 2} (batch, '
+                       f'{ndim} spatial axes, channels); got shape '
+                       f'{tuple(shape)}.')
+    return window_geometry(shape[1:-1], window_shape, strides, padding, name)
+
+  def init_fn(key, input_shape):
+    sizes, _ = geometry(input_shape)
+    return (input_shape[0],) + sizes + (input_shape[-1],), ()
+
+  def counts(sizes, pads, d, n_in):
+    """Non-padding entries of each window along axis d (1-d array)."""
+    ones = jnp.ones((n_in,))
+    return box_window_sum(ones, 0, sizes[d], window_shape[d], strides[d],
+                          pads[d], False)
+
+  def apply_fn(params, x, **kwargs):
+    sizes, pads = geometry(x.shape)
+    out = x
+    for d in range(ndim):
+      axis = 1 + d
+      total = box_window_sum(out, axis, sizes[d], window_shape[d], strides[d],
+                             pads[d], circular)
+      if by_count:
+        shape = [1] * x.ndim
+        shape[axis] = sizes[d]
+        total = total / counts(sizes, pads, d, x.shape[axis]).reshape(shape)
+      elif average:
+        total = total / window_shape[d]
+      out = total
+    return out
+
+  def kernel_map(k):
+    k = single_kernel(k, name)
+    if k.spatial.ndim != ndim:
+      raise KernelError(
+          f'{name} needs inputs with {ndim} spatial axes (rank {ndim + 2}); '
+          f'received features of shape {tuple(k.shape1)}.')
+    _require_full(k, name)
+    sizes, pads = geometry(k.shape1)
+
+    def pool_axes(a, axes, n_in, d):
+      for axis in axes:
+        total = box_window_sum(a, axis, sizes[d], window_shape[d], strides[d],
+                               pads[d], circular)
+        if by_count:
+          shape = [1] * total.ndim
+          shape[axis] = sizes[d]
+          total = total / counts(sizes, pads, d, n_in).reshape(shape)
+        elif average:
+          total = total / window_shape[d]
+        a = total
+      return a
+
+    def pool(a, which):
+      for d in range(ndim):
+        a = pool_axes(a, spatial_axes(k, d)[which], k.shape1[1 + d], d)
+      return a
+
+    def pool_means(m):
+      for d in range(ndim):
+        m = pool_axes(m, (1 + d,), k.shape1[1 + d], d)
+      return m
+
+    shape1 = (k.shape1[0],) + sizes + (k.shape1[-1],)
+    shape2 = (k.shape2[0],) + sizes + (k.shape2[-1],)
+    return _output_kernel(k, pool(k.nngp, 0), pool(k.ntk, 0), pool(k.cov1, 1),
+                          pool(k.cov2, 1), pool_means, k.spatial, shape1,
+                          shape2)
+
+  return layer(name, init_fn, apply_fn, kernel_map, _needs_full)
+
+
+def AvgPool(window_shape: Sequence[int], strides: Optional[Sequence[int]] = None,
+            padding: str = 'VALID', normalize_edges: bool = False,
+            batch_axis: int = 0, channel_axis: int = -1) -> Layer:
+  """Average pooling over windows of the spatial axes.
+
+  Args:
+    window_shape: window size per spatial axis.
+    strides: strides (default 1 per axis, as in neural-tangents).
+    padding: 'VALID', 'SAME' or 'CIRCULAR'.
+    normalize_edges: with 'SAME', divide by the number of non-padding
+      entries of each window instead of the window size.
+    batch_axis, channel_axis: only (0, -1).
+
+  Returns:
+    A `Layer`.
+  """
+  name = f'AvgPool({tuple(window_shape)})'
+  _check_axes(batch_axis, channel_axis, name)
+  return _pool(window_shape, strides, padding, normalize_edges, True, name)
+
+
+def SumPool(window_shape: Sequence[int], strides: Optional[Sequence[int]] = None,
+            padding: str = 'VALID', batch_axis: int = 0,
+            channel_axis: int = -1) -> Layer:
+  """Sum pooling over windows of the spatial axes (see `AvgPool`)."""
+  name = f'SumPool({tuple(window_shape)})'
+  _check_axes(batch_axis, channel_axis, name)
+  return _pool(window_shape, strides, padding, False, False, name)
+
+
+def _global(average: bool, name: str) -> Layer:
+  def init_fn(key, input_shape):
+    if len(input_shape) < 3:
+      raise ValueError(f'{name}: inputs must have spatial axes (batch, '
+                       f'spatial..., channels); got shape {tuple(input_shape)}.')
+    return (input_shape[0], input_shape[-1]), ()
+
+  def apply_fn(params, x, **kwargs):
+    axes = tuple(range(1, x.ndim - 1))
+    return jnp.mean(x, axes) if average else jnp.sum(x, axes)
+
+  def kernel_map(k):
+    k = single_kernel(k, name)
+    _require_full(k, name)
+    positions = math.prod(k.shape1[1:-1])
+    positions2 = math.prod(k.shape2[1:-1])
+    # Sums over all pairs of positions; the average divides by P1 P2.
+    reduce = lambda a, start, scale: jnp.sum(
+        a, tuple(range(start, a.ndim))) * scale
+    pair = 1. / (positions * positions2) if average else 1.
+    own1 = 1. / positions**2 if average else 1.
+    own2 = 1. / positions2**2 if average else 1.
+    mean_scale = 1. / positions if average else 1.
+    return _output_kernel(
+        k, reduce(k.nngp, 2, pair), reduce(k.ntk, 2, pair),
+        reduce(k.cov1, 1, own1), reduce(k.cov2, 1, own2),
+        lambda m: reduce(m, 1, mean_scale), Spatial(0),
+        (k.shape1[0], k.shape1[-1]), (k.shape2[0], k.shape2[-1]))
+
+  return layer(name, init_fn, apply_fn, kernel_map, _needs_full)
+
+
+def GlobalAvgPool(batch_axis: int = 0, channel_axis: int = -1) -> Layer:
+  """Mean over all spatial positions: (N, S..., C) -> (N, C)."""
+  _check_axes(batch_axis, channel_axis, 'GlobalAvgPool')
+  return _global(True, 'GlobalAvgPool()')
+
+
+def GlobalSumPool(batch_axis: int = 0, channel_axis: int = -1) -> Layer:
+  """Sum over all spatial positions: (N, S..., C) -> (N, C)."""
+  _check_axes(batch_axis, channel_axis, 'GlobalSumPool')
+  return _global(False, 'GlobalSumPool()')
+
+
+def Flatten(batch_axis: int = 0, batch_axis_out: int = 0) -> Layer:
+  """(N, S..., C) -> (N, prod(S) C), row-major (see the module docstring)."""
+  name = 'Flatten()'
+  if (batch_axis, batch_axis_out) != (0, 0):
+    raise NotImplementedError(f'{name}: only batch_axis=0 is supported.')
+
+  def init_fn(key, input_shape):
+    return (input_shape[0], math.prod(input_shape[1:])), ()
+
+  def apply_fn(params, x, **kwargs):
+    return x.reshape(x.shape[0], -1)
+
+  def kernel_map(k):
+    k = single_kernel(k, name)
+    if k.spatial.ndim == 0:
+      return k  # already (batch, features)
+    spatial = k.spatial
+
+    def same_position(a, batch_axes):
+      """Same-position entries (batch..., S...) of a full or diagonal array."""
+      if not spatial.full:
+        return a
+      letters = 'abcdefgh'[:spatial.ndim]
+      batch = 'nm'[:batch_axes]
+      pairs = ''.join(c + c for c in letters)
+      return jnp.einsum(f'{batch}{pairs}->{batch}{letters}', a)
+
+    def mean(a, batch_axes):
+      a = same_position(a, batch_axes)
+      return jnp.mean(a, tuple(range(batch_axes, a.ndim)))
+
+    shape1 = (k.shape1[0], math.prod(k.shape1[1:]))
+    shape2 = (k.shape2[0], math.prod(k.shape2[1:]))
+    return _output_kernel(
+        k, mean(k.nngp, 2), mean(k.ntk, 2), mean(k.cov1, 1), mean(k.cov2, 1),
+        lambda m: jnp.mean(m, tuple(range(1, m.ndim))), Spatial(0),
+        shape1, shape2, keeps_gaussian=False)
+
+  return layer(name, init_fn, apply_fn, kernel_map, _any_layout)
