@@ -245,3 +245,18 @@ def test_polynomial_mixed_moments_by_sampling():
     sample = z[:, 0]**i * z[:, 1]**j
     exact = float(dual._mixed_moment(i, j, 0.5, 1.2, 0.8))
     assert abs(sample.mean() - exact) < 5 * sample.std() / 1000, (i, j)
+
+
+@pytest.mark.parametrize('degree', [24, 64])
+@pytest.mark.parametrize('power', [0, 1])
+def test_half_range_rule_integrates_moments_exactly(degree, power):
+  """A Gauss rule of `degree` nodes for the weight r^p exp(-r^2/2) on
+  [0, inf) (normalized to mass 1) is exact for r^k, k < 2 degree. The
+  moments are m_k = 2^(k/2) Gamma((k+p+1)/2) / Gamma((p+1)/2) (substitute
+  t = r^2/2); checked up to k = 30, where float64 moments stay accurate."""
+  from math import gamma
+  from ntkjax.stax import dual
+  nodes, weights = dual.half_range_rule(degree, power)
+  for k in range(0, 31, 3):
+    exact = 2**(k / 2) * gamma((k + power + 1) / 2) / gamma((power + 1) / 2)
+    np.testing.assert_allclose(np.sum(weights * nodes**k), exact, rtol=1e-10)
