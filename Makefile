@@ -1,4 +1,6 @@
 # The README's two commands: `make demo` and `make test`. Each sets itself up.
+# `make test` also executes notebooks/*.ipynb (tests/test_notebooks.py), so
+# one command, one report and one time budget cover the library and them.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,8 +16,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# `ntkjax compare` with its defaults (~2-3 min on 2 CPU cores), each run in a
+# fresh folder: demo_output/compare-<date-time>/report.html, results.json, PNGs.
 demo: setup
-	$(PY) -m ntkjax.demo
+	$(PY) -m ntkjax compare --out demo_output/compare-$$(date +%Y%m%d-%H%M%S)
 
 test: setup
 	$(PY) -m pytest -q tests

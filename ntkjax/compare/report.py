@@ -1,0 +1,510 @@
+"""Plots, `report.html` and the terminal summary of `ntkjax compare`.
+
+Everything here reads the results dict of `experiment.run` (the content of
+`results.json`), so a report can be rebuilt from a saved run:
+`write_report(json.load(open('results.json')), out_dir)`.
+The HTML is self-contained: the PNGs are embedded as base64, the style is
+inline, and each plot has a short reading generated from the numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+
+import numpy as np
+
+PLOTS = ('metrics_vs_width', 'kernel_distance', 'divergence', 'drift')
+TITLES = {
+    'metrics_vs_width': 'Test metrics vs width, and the infinite-width limit',
+    'kernel_distance': 'Kernel distance at initialization vs width',
+    'divergence': 'Finite network vs its infinite-width NTK prediction',
+    'drift': 'Kernel drift during training vs width (laziness)',
+}
+
+
+def _array(value) -> np.ndarray:
+  """JSON lists (None for NaN) or arrays -> float arrays."""
+  return np.array([[np.nan if v is None else v for v in row]
+                   if isinstance(row, (list, tuple, np.ndarray)) else
+                   (np.nan if row is None else row) for row in value],
+                  dtype=np.float64)
+
+
+def _num(value) -> float:
+  return math.nan if value is None else float(value)
+
+
+def _pct(value) -> str:
+  value = _num(value)
+  return 'n/a' if not math.isfinite(value) else f'{100 * value:.1f}%'
+
+
+def _g(value, digits: int = 3) -> str:
+  value = _num(value)
+  return 'n/a' if not math.isfinite(value) else f'{value:.{digits}g}'
+
+
+def _slope(results: dict, name: str) -> str:
+  slope, se = _num(results.get(f'{name}_slope')), _num(
+      results.get(f'{name}_slope_stderr'))
+  return _slope_text(slope, se)
+
+
+def _slope_text(slope: float, se: float) -> str:
+  """'-0.55 ± 0.02'; three decimals when the error is below 0.005."""
+  if not math.isfinite(slope):
+    return 'n/a'
+  digits = 3 if math.isfinite(se) and se < 0.005 else 2
+  return f'{slope:.{digits}f}' + (f' ± {se:.{digits}f}' if math.isfinite(se)
+                                  else '')
+
+
+def _classification(results: dict) -> bool:
+  return bool(results['data'].get('classification'))
+
+
+# ----------------------------------------------------------------------------
+# Readings: one to three sentences per plot, from the numbers.
+
+
+def _verdict(slope: float, stderr: float, theory: float = -0.5) -> str:
+  if not math.isfinite(slope):
+    return ''
+  off = abs(slope - theory)
+  if math.isfinite(stderr) and off <= 2 * stderr:
+    return ', consistent with it'
+  # Finite-width corrections of relative order n^-1/2 bend a log-log curve
+  # by about this much over 64..2048.
+  if off <= 0.1:
+    return (', close to it (a difference of the size finite-width '
+            'corrections give over this range of widths)')
+  return (', off from it (finite-size corrections, too few seeds, or a '
+          'network that is not in the lazy regime)')
+
+
+def readings(results: dict) -> dict:
+  """A short reading of each plot, generated from the numbers."""
+  widths = results['widths']
+  w0, w1 = widths[0], widths[-1]
+  steps = results['steps']
+  seeds = len(results['seeds'])
+  finite = results['test_metrics']['finite']
+  infinite = results['test_metrics']['infinite']
+  out = {}
+  if _classification(results):
+    net, lin = _array(finite['network']['accuracy']), _array(
+        finite['linearized']['accuracy'])
+    out['metrics_vs_width'] = (
+        f'Trained for {steps} steps, the networks reach {_pct(net[-1])} test '
+        f'accuracy at width {w1} ({_pct(net[0])} at width {w0}; mean of '
+        f'{seeds} seed{"s" if seeds > 1 else ""}), their linearized twins '
+        f'{_pct(lin[-1])}. The infinite-width NTK reaches '
+        f'{_pct(infinite["ntk_at_steps"]["test_accuracy"])} after the same '
+        f'time and {_pct(infinite["ntk"]["test_accuracy"])} at t = inf; the '
+        f'NNGP (Bayesian posterior mean) '
+        f'{_pct(infinite["nngp"]["test_accuracy"])}.')
+  else:
+    net = _array(finite['network']['mse'])
+    out['metrics_vs_width'] = (
+        f'Trained for {steps} steps, the networks reach test MSE {_g(net[-1])} '
+        f'at width {w1} ({_g(net[0])} at width {w0}); the infinite-width NTK '
+        f'{_g(infinite["ntk_at_steps"]["test_mse"])} after the same time and '
+        f'{_g(infinite["ntk"]["test_mse"])} at t = inf, the NNGP '
+        f'{_g(infinite["nngp"]["test_mse"])}.')
+  distance = _array(results['kernel_distance'])
+  out['kernel_distance'] = (
+      f'At initialization the empirical NTK is {_pct(distance[0])} away from '
+      f'the analytic one at width {w0} and {_pct(distance[-1])} at width '
+      f'{w1}: the distance falls like n^({_slope(results, "kernel_distance")}) '
+      f'(theory: n^-1/2)'
+      + _verdict(_num(results['kernel_distance_slope']),
+                 _num(results['kernel_distance_slope_stderr'])) + '.')
+  div = results['divergence']
+  final_net = _array(div['final']['network'])
+  slope = _num(div['final_slope'])
+  se = _num(div['final_slope_stderr'])
+  slope_text = _slope_text(slope, se)
+  between = _array(div['final']['network_vs_linearized'])
+  out['divergence'] = (
+      f'After {steps} steps the networks\' test outputs differ from the '
+      f'infinite-width NTK prediction (same initial function, same steps) by '
+      f'RMS {_g(final_net[0])} at width {w0} and {_g(final_net[-1])} at width '
+      f'{w1} (targets have RMS {_g(results["data"].get("target_rms"))}), '
+      f'falling like n^({slope_text}) (theory: n^-1/2)'
+      + _verdict(slope, se) + '. Each network differs from its own '
+      f'linearization by {_g(between[0])} and {_g(between[-1])}'
+      + ('; so most of the gap comes from the finite-width kernel, not from '
+         'nonlinear training.' if np.all(between < final_net) else '.'))
+  drift = _array(results['drift'])
+  slope = _num(results['drift_slope'])
+  if not math.isfinite(slope):
+    where = ''
+  elif slope > -0.4:
+    where = '; the measured slope is shallower'
+  elif slope >= -1.1:
+    where = '; the measured slope lies in that range'
+  else:
+    where = '; the measured slope is steeper'
+  out['drift'] = (
+      f'Training moves the empirical NTK by {_pct(drift[0])} at width {w0} and '
+      f'{_pct(drift[-1])} at width {w1}, like n^({_slope(results, "drift")}). '
+      'Theory: at most n^-1/2 (Jacot et al. 2018), and n^-1 for MSE from '
+      f'perturbation theory (Dyer & Gur-Ari 2019){where}. The wider the '
+      'network, the lazier its training and the better one fixed kernel '
+      'describes it.')
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Plots.
+
+
+def _errorbar(ax, widths, mean, std, **kwargs):
+  std = np.where(np.isfinite(std), std, 0.)
+  ax.errorbar(widths, mean, yerr=std, capsize=3, marker='o', ms=4, **kwargs)
+
+
+def _log_scale(ax, *arrays, axis: str = 'y'):
+  """Log scale if there is something positive to show (runs that all
+  diverged leave only NaNs, which a log axis cannot place)."""
+  values = np.concatenate([np.ravel(np.asarray(a, np.float64))
+                           for a in arrays])
+  if np.any(np.isfinite(values) & (values > 0)):
+    (ax.set_yscale if axis == 'y' else ax.set_xscale)('log')
+
+
+def _width_axis(ax, widths):
+  ax.set_xscale('log', base=2)
+  ax.set_xticks(widths)
+  ax.set_xticklabels([str(w) for w in widths])
+  ax.set_xlabel('width n')
+  ax.grid(True, which='both', alpha=0.3)
+
+
+def _fit_lines(ax, results, name, widths, values, color,
+               theory=(-0.5,)):
+  """The fitted power law and theory slopes through the data's middle."""
+  slope = _num(results[f'{name}_slope'])
+  prefactor = _num(results.get(f'{name}_prefactor'))
+  w = np.asarray(widths, np.float64)
+  if math.isfinite(slope) and math.isfinite(prefactor):
+    ax.plot(w, prefactor * w ** slope, '-', color=color, alpha=0.8,
+            label=f'fit: n^({_slope(results, name)})')
+  finite = np.isfinite(values) & (values > 0)
+  if finite.any():
+    anchor_w = np.exp(np.mean(np.log(w[finite])))
+    anchor_v = np.exp(np.mean(np.log(values[finite])))
+    for slope, style in zip(theory, (':', '-.')):
+      ax.plot(w, anchor_v * (w / anchor_w) ** slope, style, color='gray',
+              label=f'slope {slope:g}')
+
+
+def plot_metrics(results: dict, path: str, plt) -> None:
+  widths = results['widths']
+  finite = results['test_metrics']['finite']
+  infinite = results['test_metrics']['infinite']
+  panels = (['accuracy'] if _classification(results) else []) + ['mse']
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4),
+                           squeeze=False)
+  for ax, metric in zip(axes[0], panels):
+    key = 'test_accuracy' if metric == 'accuracy' else 'test_mse'
+    _errorbar(ax, widths, _array(finite['network'][metric]),
+              _array(finite['network'][f'{metric}_std']), color='C0',
+              label='network')
+    _errorbar(ax, widths, _array(finite['linearized'][metric]),
+              _array(finite['linearized'][f'{metric}_std']), color='C1',
+              linestyle='--', label='linearized twin')
+    for name, style, label in (
+        ('ntk', '-', 'NTK, t = inf'), ('ntk_at_steps', '--', 'NTK, t = steps'),
+        ('nngp', '-.', 'NNGP, t = inf')):
+      value = _num(infinite[name][key])
+      if math.isfinite(value):
+        ax.axhline(value, color='k' if name.startswith('ntk') else 'C2',
+                   linestyle=style, alpha=0.7, label=label)
+    _width_axis(ax, widths)
+    if metric == 'mse':
+      _log_scale(ax, _array(finite['network'][metric]),
+                 [_num(infinite[name][key]) for name in infinite])
+    ax.set_ylabel('test accuracy' if metric == 'accuracy' else 'test MSE')
+    ax.legend(fontsize=8)
+  fig.suptitle(f'{results["architecture"]["name"]}, {results["steps"]} steps')
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _loglog_vs_width(results, name, ylabel, path, plt, title,
+                     theory=(-0.5,)):
+  widths = results['widths']
+  per_seed = _array(results[f'{name}_per_seed'])
+  mean = _array(results[name])
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  for j in range(per_seed.shape[1]):
+    ax.plot(widths, per_seed[:, j], 'o', color='C0', alpha=0.3, ms=4,
+            label='each seed' if j == 0 else None)
+  ax.plot(widths, mean, 'o', color='C0', ms=7, label='mean over seeds')
+  _fit_lines(ax, results, name, widths, mean, 'C0', theory)
+  _width_axis(ax, widths)
+  _log_scale(ax, per_seed)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=10)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_divergence(results: dict, path: str, plt) -> None:
+  widths = results['widths']
+  div = results['divergence']
+  steps = np.asarray(div['steps'], np.float64)
+  net, lin = _array(div['network']), _array(div['linearized'])
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+  colors = plt.get_cmap('viridis')(np.linspace(0, 0.9, len(widths)))
+  later = steps > 0   # log time axis: step 0 has gap 0 by construction
+  for i, width in enumerate(widths):
+    left.plot(steps[later], net[i, later], '-', color=colors[i],
+              label=f'n = {width}')
+    left.plot(steps[later], lin[i, later], '--', color=colors[i], alpha=0.6)
+  left.set_xscale('log')
+  _log_scale(left, net[:, later], lin[:, later])
+  left.set_xlabel('step')
+  left.set_ylabel(r'RMS $f_n - f_{\mathrm{NTK}}$ on test outputs')
+  left.set_title('along training (solid: network, dashed: linearized)',
+                 fontsize=10)
+  left.grid(True, which='both', alpha=0.3)
+  left.legend(fontsize=7, ncol=2)
+  final = _array(div['final']['network'])
+  right.plot(widths, final, 'o', color='C0', ms=7, label='network')
+  right.plot(widths, _array(div['final']['linearized']), 's', color='C1',
+             ms=5, label='linearized twin')
+  right.plot(widths, _array(div['final']['network_vs_linearized']), '^',
+             color='C3', ms=5, label='network vs linearized')
+  fit = {'final_slope': div['final_slope'],
+         'final_slope_stderr': div['final_slope_stderr'],
+         'final_prefactor': div['final_prefactor']}
+  _fit_lines(right, fit, 'final', widths, final, 'C0')
+  _width_axis(right, widths)
+  _log_scale(right, final, _array(div['final']['linearized']))
+  right.set_ylabel(f'RMS gap after {results["steps"]} steps')
+  right.set_title('at the end of training', fontsize=10)
+  right.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write_plots(results: dict, out_dir: str) -> dict:
+  """Writes the PNGs; returns {plot name: path}."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  paths = {name: os.path.join(out_dir, f'{name}.png') for name in PLOTS}
+  plot_metrics(results, paths['metrics_vs_width'], plt)
+  _loglog_vs_width(results, 'kernel_distance',
+                   r'$\|\Theta_n - \Theta\|_F \,/\, \|\Theta\|_F$',
+                   paths['kernel_distance'], plt,
+                   f'at initialization, {results["kernel_points"]} inputs')
+  plot_divergence(results, paths['divergence'], plt)
+  _loglog_vs_width(results, 'drift',
+                   r'$\|\Theta_T - \Theta_0\|_F \,/\, \|\Theta_0\|_F$',
+                   paths['drift'], plt,
+                   f'after {results["steps"]} steps', theory=(-0.5, -1.))
+  return paths
+
+
+# ----------------------------------------------------------------------------
+# Tables.
+
+
+def table_rows(results: dict) -> tuple:
+  """(header, rows) of the per-width summary."""
+  finite = results['test_metrics']['finite']
+  div = results['divergence']['final']
+  classification = _classification(results)
+  metric = 'accuracy' if classification else 'mse'
+  fmt = _pct if classification else _g
+  header = ['width', 'kernel dist.', 'drift',
+            f'net {metric}', f'lin. {metric}', f'NTK same-init {metric}',
+            'gap net-NTK', 'gap lin-NTK']
+  rows = []
+  columns = {
+      'kernel': _array(results['kernel_distance']),
+      'drift': _array(results['drift']),
+      'net': _array(finite['network'][metric]),
+      'lin': _array(finite['linearized'][metric]),
+      'same': _array(finite['ntk_same_init'][metric]),
+      'gap_net': _array(div['network']), 'gap_lin': _array(div['linearized'])}
+  for i, width in enumerate(results['widths']):
+    rows.append([str(width), _g(columns['kernel'][i]), _g(columns['drift'][i]),
+                 fmt(columns['net'][i]), fmt(columns['lin'][i]),
+                 fmt(columns['same'][i]), _g(columns['gap_net'][i]),
+                 _g(columns['gap_lin'][i])])
+  return header, rows
+
+
+def _infinite_lines(results: dict) -> list:
+  infinite = results['test_metrics']['infinite']
+  classification = _classification(results)
+  lines = []
+  for name, label in (('nngp', 'NNGP, t = inf'), ('ntk', 'NTK, t = inf'),
+                      ('ntk_at_steps', f'NTK, t = {results["steps"]} steps')):
+    entry = infinite[name]
+    text = f'{label}: test MSE {_g(entry["test_mse"])}'
+    if classification:
+      text = (f'{label}: test accuracy {_pct(entry["test_accuracy"])}, '
+              f'MSE {_g(entry["test_mse"])}')
+    lines.append(text)
+  return lines
+
+
+def summary_text(results: dict) -> str:
+  """The table printed on the terminal."""
+  header, rows = table_rows(results)
+  widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in
+            enumerate(header)]
+  line = lambda cells: '  '.join(c.rjust(w) for c, w in zip(cells, widths))
+  out = [line(header), line(['-' * w for w in widths])]
+  out += [line(r) for r in rows]
+  out.append('')
+  out += ['infinite width, ' + line for line in _infinite_lines(results)]
+  div = results['divergence']
+  gap_se = _num(div['final_slope_stderr'])
+  out.append(f'slopes vs width: kernel distance '
+             f'{_slope(results, "kernel_distance")} (theory -1/2), gap at the '
+             f'end {_slope_text(_num(div["final_slope"]), gap_se)} '
+             f'(theory -1/2), drift {_slope(results, "drift")} (theory -1/2 '
+             'to -1)')
+  out.append(f'learning rate {_g(results["learning_rate"], 4)} '
+             f'({_g(results["learning_rate_fraction"], 2)} x max '
+             f'{_g(results["max_learning_rate"], 4)}), {results["steps"]} '
+             f'steps, {len(results["seeds"])} seed(s)')
+  if results.get('diverged'):
+    out.append(f'diverged (left out of the means): {results["diverged"]}')
+  return '\n'.join(out)
+
+
+# ----------------------------------------------------------------------------
+# HTML.
+
+_CSS = """
+body { font-family: system-ui, -apple-system, Segoe UI, sans-serif;
+       max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: right; }
+th { background: #f2f2f2; } td.l, th.l { text-align: left; }
+table.facts th, table.facts td { text-align: left; vertical-align: top; }
+img { max-width: 100%; border: 1px solid #eee; }
+p.reading { background: #f6f8fa; border-left: 4px solid #4a7;
+            padding: 0.6em 1em; }
+.small { color: #666; font-size: 0.85em; }
+"""
+
+
+def _table_html(header, rows, left_first: bool = True) -> str:
+  cls = lambda j: ' class="l"' if left_first and j == 0 else ''
+  head = ''.join(f'<th{cls(j)}>{html.escape(h)}</th>'
+                 for j, h in enumerate(header))
+  body = ''.join('<tr>' + ''.join(f'<td{cls(j)}>{html.escape(c)}</td>'
+                                  for j, c in enumerate(r)) + '</tr>'
+                 for r in rows)
+  return f'<table><tr>{head}</tr>{body}</table>'
+
+
+def write_html(results: dict, plots: dict, path: str) -> None:
+  """A self-contained report: embedded PNGs, inline CSS, readings."""
+  read = readings(results)
+  config = results['config']
+  data = results['data']
+  facts = [
+      ('data', f'{data["source"]}: {data["n_train"]} train, {data["n_test"]} '
+               f'test, inputs {tuple(data["input_shape"])}, '
+               f'{data["n_outputs"]} outputs'),
+      ('preprocessing', data['preprocessing']),
+      ('network', f'{results["architecture"]["name"]}: '
+                  f'{results["architecture"]["description"]}'),
+      ('widths', ', '.join(map(str, results['widths']))),
+      ('training', f'full-batch gradient descent (optax.sgd), MSE loss, '
+                   f'{results["steps"]} steps, learning rate '
+                   f'{_g(results["learning_rate"], 4)} = '
+                   f'{_g(results["learning_rate_fraction"], 2)} x the largest '
+                   f'stable one at infinite width, '
+                   f'{len(results["seeds"])} seed(s) per width'),
+      ('outputs', 'centered: f(params, x) - f(params_0, x), so every '
+                  'network starts from the zero function like the mean of '
+                  'the infinite ensemble' if config.get('center', True) else
+                  'not centered: each network keeps its random initial '
+                  'function f_0'),
+      ('kernels compared on', f'the first {results["kernel_points"]} training '
+                              'inputs (NTK averaged over outputs)'),
+  ]
+  facts_rows = ''.join(f'<tr><th>{html.escape(k)}</th><td>{html.escape(v)}'
+                       '</td></tr>' for k, v in facts)
+  header, rows = table_rows(results)
+  sections = []
+  for name in PLOTS:
+    with open(plots[name], 'rb') as f:
+      encoded = base64.b64encode(f.read()).decode('ascii')
+    sections.append(
+        f'<h2>{html.escape(TITLES[name])}</h2>'
+        f'<img alt="{name}" src="data:image/png;base64,{encoded}">'
+        f'<p class="reading">{html.escape(read[name])}</p>')
+  timings = results.get('timings', {})
+  timing_text = ', '.join(f'{k} {v:.0f} s' for k, v in timings.items())
+  diverged = results.get('diverged') or []
+  warning = (f'<p><b>Diverged runs (left out of the means):</b> '
+             f'{html.escape(str(diverged))}</p>' if diverged else '')
+  page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>ntkjax compare: finite vs infinite width</title>
+<style>{_CSS}</style></head><body>
+<h1>Finite vs infinite width: {html.escape(results['architecture']['name'])}
+on {html.escape(data['source'])}</h1>
+<p>One network definition gives the finite networks trained below and their
+exact infinite-width NNGP and NTK. As the width n grows, the finite networks
+should approach the NTK's predictions, their kernels should approach the
+analytic one like n<sup>-1/2</sup>, and training should move the kernel less
+and less (lazy training).</p>
+<table class="facts">{facts_rows}</table>
+<h2>Summary</h2>
+{_table_html(header, rows)}
+<p>{'<br>'.join(html.escape(l) for l in _infinite_lines(results))}</p>
+{warning}
+{''.join(sections)}
+<h2>Definitions</h2>
+<ul class="small">
+<li><b>kernel distance</b>: ||Theta_emp(n) - Theta||<sub>F</sub> /
+||Theta||<sub>F</sub> at initialization, mean over seeds; the slope is a
+least-squares fit of log distance against log width over all seeds.</li>
+<li><b>NTK same-init</b>: the infinite-width network trained by the same
+discrete gradient descent, started from the finite network's initial
+function f<sub>n</sub>(0) (so only the kernel differs).</li>
+<li><b>gap</b>: RMS over test outputs of f<sub>n</sub>(step) -
+f<sub>NTK</sub>(step) (same-init), averaged over seeds.</li>
+<li><b>drift</b>: ||Theta_T - Theta_0||<sub>F</sub> / ||Theta_0||<sub>F</sub>
+of the network's empirical NTK before and after training.</li>
+<li><b>NTK / NNGP, t = inf</b>: mean predictions of the infinite ensemble
+(<code>predict.gradient_descent_mse_ensemble</code>), i.e. kernel
+regression; <b>t = steps</b>: gradient flow for the same time.</li>
+</ul>
+<p class="small">ntkjax {html.escape(str(results.get('ntkjax_version')))},
+created {html.escape(str(results.get('created')))}; times: {timing_text}.
+Config: {html.escape(str(config))}</p>
+</body></html>
+"""
+  with open(path, 'w') as f:
+    f.write(page)
+
+
+def write_report(results: dict, out_dir: str) -> dict:
+  """Writes the PNGs and `report.html` into `out_dir`; returns their paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  plots = write_plots(results, out_dir)
+  paths = dict(plots)
+  paths['report'] = os.path.join(out_dir, 'report.html')
+  write_html(results, plots, paths['report'])
+  return paths
