@@ -125,7 +125,7 @@ def batch(kernel_fn: Callable, batch_size: int = 0, device_count: int = -1,
             if (i, j) in results:
               row.append(results[i, j][name])
             else:  # symmetric: the transpose of block (j, i)
-              row.append(spatial.swap(results[j, i][name]))
+              row.append(spatial.swap_public(results[j, i][name]))
           grid.append(concatenate(row, axis=1))
         out[name] = concatenate(grid, axis=0)
       if 'cov1' in names:

@@ -31,24 +31,33 @@ Array = jax.Array
 _source_ids = itertools.count()
 
 
+def _interleave(first, second):
+  return sum(((f, s) for f, s in zip(first, second)), ())
+
+
 @dataclasses.dataclass(frozen=True)
 class Spatial:
   """How a kernel's arrays are laid out over the features' spatial axes.
 
   Features of shape (batch, S_1, ..., S_s, channels) (images: s = 2) have
-  covariances between every pair of positions. With `diagonal=False` the
-  arrays keep them all, in neural-tangents' interleaved layout:
+  covariances between every pair of positions. Inside kernel maps the
+  arrays put positions first and the batch axes last,
 
-      nngp, ntk:  (N1, N2, S_1, S_1', ..., S_s, S_s')
-      cov1:       (N1, S_1, S_1', ..., S_s, S_s')       (cov2 alike)
+      diagonal=False:  nngp, ntk (S_1, S_1', ..., S_s, S_s', N1, N2),
+                       cov1 (S_1, S_1', ..., S_s, S_s', N1);
+      diagonal=True:   nngp, ntk (S_1, ..., S_s, N1, N2), cov1 (S_1, ..., N1)
 
-  With `diagonal=True` only same-position covariances are kept (enough for
-  a network that ends in `Flatten`, cost ~ N^2 P instead of N^2 P^2):
-
-      nngp, ntk:  (N1, N2, S_1, ..., S_s);   cov1: (N1, S_1, ..., S_s).
-
-  Channel means and variances are always (N, S_1, ..., S_s). Fully connected
+  (pixel-diagonal: same-position covariances only, enough for a network
+  that ends in `Flatten`, cost ~ N^2 P instead of N^2 P^2). Positions first
+  make every shift of a convolution a contiguous block and the innermost
+  loop run over pairs of inputs, which XLA vectorizes; with the batch axes
+  first the innermost axis would be a spatial one of size ~8. Per-position
+  arrays (variances, channel means) are (S_1, ..., S_s, N). Fully connected
   features are `Spatial(0)`: nngp (N1, N2), cov1 (N1,).
+
+  What users get from `kernel_fn(..., get=name)` is neural-tangents' layout,
+  batch axes first: (N1, N2, S_1, S_1', ...) or (N1, N2, S_1, ...)
+  (`public`).
 
   Attributes:
     ndim: number of spatial axes s.
@@ -63,30 +72,30 @@ class Spatial:
     return self.ndim > 0 and not self.diagonal
 
   def variances(self, cov):
-    """Per-position variances (N, S...) from a cov1/cov2 array."""
+    """Per-position variances (S..., N) from a cov1/cov2 array."""
     if not self.full:
       return cov
     letters = 'abcdefgh'[:self.ndim]
     pairs = ''.join(c + c for c in letters)
-    return jax.numpy.einsum(f'n{pairs}->n{letters}', cov)
+    return jax.numpy.einsum(f'{pairs}n->{letters}n', cov)
 
   def pair(self, a1, a2):
-    """(N1, S...) and (N2, S...) per-position arrays, broadcastable against
-    an nngp array (as its x1 and x2 factors)."""
-    a1, a2 = a1[:, None], a2[None, :]
-    if self.full:
-      # (N1, 1, S1, 1, S2, 1, ...) and (1, N2, 1, S1', 1, S2', ...)
-      shape1 = a1.shape[:2] + sum(((n, 1) for n in a1.shape[2:]), ())
-      shape2 = a2.shape[:2] + sum(((1, n) for n in a2.shape[2:]), ())
-      a1, a2 = a1.reshape(shape1), a2.reshape(shape2)
-    return a1, a2
+    """Per-position arrays (S..., N1) and (S..., N2), broadcastable against
+    an nngp array as its x1 and x2 factors."""
+    if not self.full:
+      return a1[..., :, None], a2[..., None, :]
+    sizes = a1.shape[:-1]
+    ones = (1,) * self.ndim
+    return (a1.reshape(_interleave(sizes, ones) + (a1.shape[-1], 1)),
+            a2.reshape(_interleave(ones, sizes) + (1, a2.shape[-1])))
 
   def self_pair(self, a):
-    """(N, S...) per-position array, broadcastable against a full cov1
-    array at its first and its second position of each pair."""
-    first = a.reshape(a.shape[:1] + sum(((n, 1) for n in a.shape[1:]), ()))
-    second = a.reshape(a.shape[:1] + sum(((1, n) for n in a.shape[1:]), ()))
-    return first, second
+    """A per-position array (S..., N), broadcastable against a full cov1
+    array at the first and at the second position of each pair."""
+    sizes, n = a.shape[:-1], a.shape[-1]
+    ones = (1,) * self.ndim
+    return (a.reshape(_interleave(sizes, ones) + (n,)),
+            a.reshape(_interleave(ones, sizes) + (n,)))
 
   def outer(self, m1, m2):
     """m1_i(p) m2_j(p') laid out like nngp."""
@@ -103,12 +112,24 @@ class Spatial:
   def swap(self, a):
     """nngp(x2, x1) laid out for (x1, x2): swaps the batch axes and each
     pair of position axes."""
+    perm = []
+    for d in range(self.ndim):
+      perm += [2 * d + 1, 2 * d] if self.full else [d]
+    return a.transpose(perm + [a.ndim - 1, a.ndim - 2])
+
+  def public(self, a, batch_axes: int):
+    """An array in neural-tangents' layout: the `batch_axes` (2 for nngp,
+    1 for cov1) trailing batch axes moved to the front."""
+    if self.ndim == 0:
+      return a
+    rest = a.ndim - batch_axes
+    return a.transpose(tuple(range(rest, a.ndim)) + tuple(range(rest)))
+
+  def swap_public(self, a):
+    """`swap` for an nngp array in the public layout."""
     perm = [1, 0]
     for d in range(self.ndim):
-      if self.full:
-        perm += [3 + 2 * d, 2 + 2 * d]
-      else:
-        perm += [2 + d]
+      perm += [3 + 2 * d, 2 + 2 * d] if self.full else [2 + d]
     return a.transpose(perm)
 
 
@@ -194,8 +215,9 @@ class Kernel:
 
   Attributes:
     nngp: `(N1, N2)` NNGP kernel (channel-averaged second moment); with
-      spatial axes `(N1, N2, S1, S1', ...)` or `(N1, N2, S1, ...)`, see
-      `Spatial`.
+      spatial axes `(S1, S1', ..., N1, N2)` or `(S1, ..., N1, N2)`, see
+      `Spatial` (`kernel_fn(..., get='nngp')` returns the batch-first
+      layout of neural-tangents).
     ntk: the neural tangent kernel, laid out like `nngp`.
     cov1: `(N1,)` diagonal of the NNGP kernel of `x1` with itself (batch
       diagonal; spatial covariances as `Spatial` says).

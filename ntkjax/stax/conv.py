@@ -137,10 +137,12 @@ def box_window_sum(a, axis: int, size: int, window: int, stride: int,
 
 
 def spatial_axes(k: Kernel, d: int):
-  """Axes of spatial axis d in (nngp/ntk, cov1/cov2) arrays of `k`."""
+  """Axes of spatial axis d in the (positions-first) arrays of `k`: the
+  pair of position axes of a full layout, or the one axis of a diagonal
+  one (the same in nngp/ntk and in cov1/cov2)."""
   if k.spatial.full:
-    return (2 + 2 * d, 3 + 2 * d), (1 + 2 * d, 2 + 2 * d)
-  return (2 + d,), (1 + d,)
+    return (2 * d, 2 * d + 1)
+  return (d,)
 
 
 def check_spatial_input(k: Kernel, ndim: int, name: str):
@@ -260,24 +262,26 @@ def Conv(out_chan: int, filter_shape: Sequence[int],
     sizes, pads = geometry(k.shape1)
     circular = padding == 'CIRCULAR'
 
-    def convolve(a, which):
+    def convolve(a):
       for d in range(ndim):
-        axes = spatial_axes(k, d)[which]
+        axes = spatial_axes(k, d)
         a = diagonal_window_sum(a, axes, sizes[d], filter_shape[d],
                                 strides[d], pads[d], circular)
       return a / window
 
     w2 = W_std**2
     b2 = 0. if b_std is None else b_std**2
-    nngp_in = convolve(k.nngp, 0)
+    nngp_in = convolve(k.nngp)
     nngp = w2 * nngp_in + b2
-    cov1 = w2 * convolve(k.cov1, 1) + b2
+    cov1 = w2 * convolve(k.cov1) + b2
     cov2 = cov1 if k.x1_is_x2 and k.cov2 is k.cov1 else (
-        w2 * convolve(k.cov2, 1) + b2)
+        w2 * convolve(k.cov2) + b2)
+    # The raw inputs have no parameters: their NTK is 0, skip its pass.
+    ntk_in = 0. if k.is_input else convolve(k.ntk)
     if parameterization == 'ntk':
-      ntk = nngp + w2 * convolve(k.ntk, 0)
+      ntk = nngp + w2 * ntk_in
     else:
-      ntk = (window * k.channels / s0) * nngp_in + w2 * convolve(k.ntk, 0)
+      ntk = (window * k.channels / s0) * nngp_in + w2 * ntk_in
       ntk = ntk if b_std is None else ntk + 1.
     shape1 = (k.shape1[0],) + sizes + (out_chan,)
     shape2 = (k.shape2[0],) + sizes + (out_chan,)

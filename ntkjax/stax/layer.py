@@ -148,11 +148,11 @@ def input_kernel(x1, x2=None, diagonal_spatial: bool = False) -> Kernel:
   if spatial.full:
     upper = letters.upper()
     pairs = ''.join(a + b for a, b in zip(letters, upper))
-    cross = f'n{letters}c,m{upper}c->nm{pairs}'
-    own = f'n{letters}c,n{upper}c->n{pairs}'
+    cross = f'n{letters}c,m{upper}c->{pairs}nm'
+    own = f'n{letters}c,n{upper}c->{pairs}n'
   else:
-    cross = f'n{letters}c,m{letters}c->nm{letters}'
-    own = f'n{letters}c,n{letters}c->n{letters}'
+    cross = f'n{letters}c,m{letters}c->{letters}nm'
+    own = f'n{letters}c,n{letters}c->{letters}n'
   dot = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
   second = x1 if x2 is None else x2
   nngp = dot(cross, x1, second) / channels
@@ -160,8 +160,9 @@ def input_kernel(x1, x2=None, diagonal_spatial: bool = False) -> Kernel:
     nngp = (nngp + spatial.swap(nngp)) / 2  # exactly symmetric
   cov1 = dot(own, x1, x1) / channels
   cov2 = cov1 if x2 is None else dot(own, x2, x2) / channels
-  mean1 = jnp.mean(x1, -1)
-  mean2 = mean1 if x2 is None else jnp.mean(x2, -1)
+  # Channel means, positions first: (S..., N).
+  mean1 = jnp.moveaxis(jnp.mean(x1, -1), 0, -1)
+  mean2 = mean1 if x2 is None else jnp.moveaxis(jnp.mean(x2, -1), 0, -1)
   source = features.new_source(nngp, jnp.zeros_like(nngp), cov1, cov2,
                                mean1=mean1, mean2=mean2, is_input=True,
                                spatial=spatial)
@@ -220,7 +221,12 @@ def _computed_together(tree):
 
 
 def select(kernel, get):
-  """Pick `get` out of a Kernel (or of each Kernel of a branching output)."""
+  """Pick `get` out of a Kernel (or of each Kernel of a branching output).
+
+  Fields picked by name come in neural-tangents' batch-first layout
+  (`Spatial.public`); `get=None` returns the Kernel itself, whose spatial
+  arrays keep the positions-first layout the kernel maps use.
+  """
   if not isinstance(kernel, Kernel):
     return type(kernel)(select(k, get) for k in kernel)
   if kernel.x1_is_x2:
@@ -230,10 +236,12 @@ def select(kernel, get):
                             ntk=symmetrize(kernel.ntk))
   if get is None:
     return _computed_together(kernel)
+  spatial = kernel.spatial
+  field = lambda name: spatial.public(getattr(kernel, name),
+                                      2 if name in ('nngp', 'ntk') else 1)
   if isinstance(get, str):
-    return getattr(kernel, get)
-  return _computed_together(
-      _kernels_tuple(get)(*(getattr(kernel, name) for name in get)))
+    return field(get)
+  return _computed_together(_kernels_tuple(get)(*(field(name) for name in get)))
 
 
 # ----------------------------------------------------------------------------
@@ -245,6 +253,28 @@ def keeps_layout(output_diagonal: bool) -> bool:
   position (Dense, activations, Conv) can run pixel-diagonal exactly when its
   output may be pixel-diagonal."""
   return output_diagonal
+
+
+# Pairs per block are chosen so one kernel array of a block holds about this
+# many entries (float32: 1 MB), a size that stays in a core's L2/L3 cache.
+_BLOCK_ENTRIES = 2**18
+# Inputs of x2 per block: the innermost (contiguous, vectorized) axis.
+_BLOCK_COLUMNS = 64
+
+
+def _pair_blocks(x1, x2, diagonal: bool) -> Optional[tuple]:
+  """(rows, columns) per block of pairs for spatial kernels, or None."""
+  if x1.ndim < 3:
+    return None
+  positions = int(np.prod(x1.shape[1:-1]))
+  per_pair = positions if diagonal else positions**2
+  n1 = x1.shape[0]
+  n2 = n1 if x2 is None else x2.shape[0]
+  if n1 * n2 * per_pair <= 4 * _BLOCK_ENTRIES:
+    return None
+  columns = min(n2, _BLOCK_COLUMNS)
+  rows = max(1, min(n1, _BLOCK_ENTRIES // (columns * per_pair)))
+  return rows, columns
 
 
 class KernelFn:
@@ -293,7 +323,70 @@ class KernelFn:
       return select(self.kernel_map(x1), get)
     x1, x2 = _canonical_inputs(x1, x2)
     diagonal = self.input_diagonal(bool(diagonal_spatial))
+    if get is not None and _pair_blocks(x1, x2, diagonal) is not None:
+      return self._by_blocks(x1, x2, get, diagonal)
     return select(self.kernel_map(input_kernel(x1, x2, diagonal)), get)
+
+  def _by_blocks(self, x1, x2, get, diagonal: bool):
+    """The kernels computed over blocks of pairs in `lax.map` loops.
+
+    For spatial inputs every layer makes several passes over arrays of
+    N1 N2 P^2 entries (P positions); at 100 x 100 8x8 images that is 160 MB
+    per array, so unblocked the passes run at memory speed. Blocks of
+    b1 x b2 pairs (~1 MB per array) stay in cache: an outer loop over blocks
+    of x2, an inner one over blocks of x1. Everything computed from the x2
+    block alone (its variances through the layers) is invariant in the
+    inner loop, which XLA hoists out of it; the x1 block's own variances are
+    recomputed per block, b1 P^2 entries against b1 b2 P^2 pair entries.
+    Each pair's kernel depends only on the pair, so the blocks are exact;
+    padding rows (repeats of the last one) are dropped.
+    """
+    names = (get,) if isinstance(get, str) else tuple(get)
+    x2_given = x2
+    x2 = x1 if x2 is None else x2
+    b1, b2 = _pair_blocks(x1, x2, diagonal)
+    n1, n2 = x1.shape[0], x2.shape[0]
+    r1, r2 = -(-n1 // b1), -(-n2 // b2)
+
+    def blocks(x, count, size):
+      missing = count * size - x.shape[0]
+      x = jnp.concatenate([x, jnp.repeat(x[-1:], missing, 0)]) if missing else x
+      return x.reshape((count, size) + x.shape[1:])
+
+    rows, cols = blocks(x1, r1, b1), blocks(x2, r2, b2)
+    wanted = tuple(sorted(set(names) | {'nngp'}, key=KERNEL_FIELDS.index))
+
+    def public(kernel, name):
+      return kernel.spatial.public(getattr(kernel, name),
+                                   2 if name in ('nngp', 'ntk') else 1)
+
+    def column(col):
+      def row(x_row):
+        kernel = self.kernel_map(input_kernel(x_row, col, diagonal))
+        return tuple(public(kernel, name) for name in wanted)
+      return jax.lax.map(row, rows)
+
+    out = dict(zip(wanted, jax.lax.map(column, cols)))
+    spatial = jax.eval_shape(
+        lambda a, c: self.kernel_map(input_kernel(a, c, diagonal)),
+        rows[0], cols[0]).spatial
+    result = {}
+    for name in names:
+      a = out[name]          # (r2, r1, block's public layout...)
+      if name in ('nngp', 'ntk'):
+        rest = a.shape[4:]   # (r2, r1, b1, b2, rest) -> (r1 b1, r2 b2, rest)
+        a = jnp.transpose(a, (1, 2, 0, 3) + tuple(range(4, a.ndim)))
+        a = a.reshape((r1 * b1, r2 * b2) + rest)[:n1, :n2]
+        if x2_given is None:
+          a = (a + spatial.swap_public(a)) / 2
+      elif name == 'cov1':
+        a = a[0].reshape((r1 * b1,) + a.shape[3:])[:n1]
+      else:
+        a = a[:, 0].reshape((r2 * b2,) + a.shape[3:])[:n2]
+      result[name] = a
+    if isinstance(get, str):
+      return result[get]
+    return _kernels_tuple(names)(*(result[name] for name in names))
 
   def __repr__(self):
     return f'<kernel_fn of {self.name}>'

@@ -185,21 +185,20 @@ def _pool(window_shape, strides, padding, normalize_edges, average: bool,
         a = total
       return a
 
-    def pool(a, which):
+    def pool(a):
       for d in range(ndim):
-        a = pool_axes(a, spatial_axes(k, d)[which], k.shape1[1 + d], d)
+        a = pool_axes(a, spatial_axes(k, d), k.shape1[1 + d], d)
       return a
 
     def pool_means(m):
       for d in range(ndim):
-        m = pool_axes(m, (1 + d,), k.shape1[1 + d], d)
+        m = pool_axes(m, (d,), k.shape1[1 + d], d)
       return m
 
     shape1 = (k.shape1[0],) + sizes + (k.shape1[-1],)
     shape2 = (k.shape2[0],) + sizes + (k.shape2[-1],)
-    return _output_kernel(k, pool(k.nngp, 0), pool(k.ntk, 0), pool(k.cov1, 1),
-                          pool(k.cov2, 1), pool_means, k.spatial, shape1,
-                          shape2)
+    return _output_kernel(k, pool(k.nngp), pool(k.ntk), pool(k.cov1),
+                          pool(k.cov2), pool_means, k.spatial, shape1, shape2)
 
   return layer(name, init_fn, apply_fn, kernel_map, _needs_full)
 
@@ -250,9 +249,10 @@ def _global(average: bool, name: str) -> Layer:
     _require_full(k, name)
     positions = math.prod(k.shape1[1:-1])
     positions2 = math.prod(k.shape2[1:-1])
-    # Sums over all pairs of positions; the average divides by P1 P2.
-    reduce = lambda a, start, scale: jnp.sum(
-        a, tuple(range(start, a.ndim))) * scale
+    # Sums over all (pairs of) positions, the leading axes; averages divide
+    # by P1 P2 (P^2 for an input with itself, P for means).
+    def reduce(a, batch_axes, scale):
+      return jnp.sum(a, tuple(range(a.ndim - batch_axes))) * scale
     pair = 1. / (positions * positions2) if average else 1.
     own1 = 1. / positions**2 if average else 1.
     own2 = 1. / positions2**2 if average else 1.
@@ -297,23 +297,23 @@ def Flatten(batch_axis: int = 0, batch_axis_out: int = 0) -> Layer:
     spatial = k.spatial
 
     def same_position(a, batch_axes):
-      """Same-position entries (batch..., S...) of a full or diagonal array."""
+      """Same-position entries (S..., batch...) of a full or diagonal array."""
       if not spatial.full:
         return a
       letters = 'abcdefgh'[:spatial.ndim]
       batch = 'nm'[:batch_axes]
       pairs = ''.join(c + c for c in letters)
-      return jnp.einsum(f'{batch}{pairs}->{batch}{letters}', a)
+      return jnp.einsum(f'{pairs}{batch}->{letters}{batch}', a)
 
     def mean(a, batch_axes):
       a = same_position(a, batch_axes)
-      return jnp.mean(a, tuple(range(batch_axes, a.ndim)))
+      return jnp.mean(a, tuple(range(a.ndim - batch_axes)))
 
     shape1 = (k.shape1[0], math.prod(k.shape1[1:]))
     shape2 = (k.shape2[0], math.prod(k.shape2[1:]))
     return _output_kernel(
         k, mean(k.nngp, 2), mean(k.ntk, 2), mean(k.cov1, 1), mean(k.cov2, 1),
-        lambda m: jnp.mean(m, tuple(range(1, m.ndim))), Spatial(0),
+        lambda m: jnp.mean(m, tuple(range(m.ndim - 1))), Spatial(0),
         shape1, shape2, keeps_gaussian=False)
 
   return layer(name, init_fn, apply_fn, kernel_map, _any_layout)
