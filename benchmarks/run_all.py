@@ -28,8 +28,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_DIR = os.path.join(HERE, 'results')
 README = os.path.join(HERE, 'README.md')
 
-# Fields that identify a case within a benchmark (the rest are measurements).
-KEY_FIELDS = ('activation', 'implementation', 'O', 'N', 'd', 'depth', 'width')
+# Fields that identify a case within a benchmark (the rest are measurements),
+# in the order rows are sorted (a file without some of them still pairs on
+# the rest). CASE_TEXT_FIELDS are those shown in the table, in that order.
+KEY_FIELDS = ('activation', 'O', 'vmap_axes', 'implementation', 'N', 'd',
+              'depth', 'width', 't', 'N_train', 'N_test')
+CASE_TEXT_FIELDS = ('activation', 'implementation', 'O', 'vmap_axes', 'N',
+                    't', 'N_train', 'N_test')
 OURS = 'ntkjax'
 
 
@@ -159,6 +164,28 @@ def summary_rows(results: list) -> list:
   return [rows[k] for k in keys]
 
 
+def case_text(key: dict, ours: dict) -> str:
+  """The table's case column: the key fields, and AUTO's choice if known.
+
+  Args:
+    key: the row's case key (field -> value).
+    ours: our record for the case ({} if none).
+
+  Returns:
+    e.g. 'implementation=AUTO (chose STRUCTURED_DERIVATIVES), O=1,
+    vmap_axes=0, N=128'.
+  """
+  parts = []
+  for field in CASE_TEXT_FIELDS:
+    if field not in key:
+      continue
+    text = f'{field}={key[field]}'
+    if field == 'implementation' and isinstance(ours.get('auto_choice'), str):
+      text += f' (chose {ours["auto_choice"]})'
+    parts.append(text)
+  return ', '.join(parts)
+
+
 def summary_table(rows: list) -> str:
   """A markdown table of `summary_rows`.
 
@@ -175,19 +202,22 @@ def summary_table(rows: list) -> str:
   lines = [header, '|' + '---|' * header.count(' | ') + '---|']
   for row in rows:
     ours, ref = row.get('ours', {}), row.get('ref', {})
-    t_ours = ours.get('kernel_seconds_median')
+    # A whole-pipeline benchmark (predict) reports its total; kernels alone
+    # are one part of it.
+    t_ours = ours.get('total_seconds_median', ours.get('kernel_seconds_median'))
     # A benchmark may carry the reference's numbers as constants in our file.
-    t_ref = ref.get('kernel_seconds_median', ours.get('reference_seconds'))
+    t_ref = ref.get('total_seconds_median', ref.get(
+        'kernel_seconds_median', ours.get('reference_seconds')))
     both = all(isinstance(t, (int, float)) and t > 0 for t in (t_ours, t_ref))
-    case = ', '.join(f'{k}={v}' for k, v in row['case'].items()
-                     if k in ('activation', 'implementation', 'O', 'N'))
+    case = case_text(row['case'], ours)
     if ours.get('quick') or ref.get('quick'):
       case += ' (quick)'
     status = ours.get('status')
     if isinstance(status, str) and status != 'ok':
       case += f' ({status})'
-    if t_ref is None and ours.get('reference_status') not in (None, 'ok'):
-      case += f' (reference: {ours["reference_status"]})'
+    ref_status = ref.get('status', ours.get('reference_status'))
+    if t_ref is None and ref_status not in (None, 'ok'):
+      case += f' (reference: {ref_status})'
     lines.append(' | '.join([
         f'| {row["benchmark"]}', row['backend'], case,
         _number(t_ours), _number(ours.get('ratio_to_gemm')),
