@@ -152,12 +152,35 @@ def _regularized(k, diag_reg, absolute: bool):
   return k + scale * jnp.eye(k.shape[0], dtype=k.dtype)
 
 
+def _one_blas_thread(fn: Callable) -> Callable:
+  """Runs jitted `fn` with one BLAS/LAPACK thread (where threadpoolctl is
+  installed) and waits for its result.
+
+  jax's CPU LAPACK calls go to SciPy's OpenBLAS, whose threads spin while
+  waiting: on a 2-core machine with anything else running, a 1000 x 1000
+  Cholesky took 0.67 s with its default threads and 0.006 s with one (eigh:
+  3.4 s vs 0.07 s). Under an outer jit (tracers) it is called as is.
+  """
+  def wrapped(*args):
+    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
+      return fn(*args)
+    try:
+      import threadpoolctl
+    except ImportError:  # optional: without it, OpenBLAS decides
+      return fn(*args)
+    with threadpoolctl.threadpool_limits(1, user_api='blas'):
+      return jax.block_until_ready(fn(*args))
+  return wrapped
+
+
+@_one_blas_thread
 @jax.jit
 def _eigh(k):
   evals, evecs = jnp.linalg.eigh(k)
   return jnp.maximum(evals, 0.), evecs
 
 
+@_one_blas_thread
 @jax.jit
 def _cholesky(k):
   return jnp.linalg.cholesky(k)
@@ -165,11 +188,15 @@ def _cholesky(k):
 
 def _factor_failed(chol):
   """Whether a Cholesky factor is unusable: non-finite, or a pivot so small
-  (pivot^2 <= n eps max pivot^2) that the matrix is singular to working
-  precision and a triangular solve would amplify rounding by O(1/eps)."""
+  (pivot^2 <= 100 eps max pivot^2) that the matrix is singular to working
+  precision: an exactly singular kernel leaves a pivot of rounding size
+  (a few eps), while pivot^2 >= lambda_min for a regular one, so a kernel
+  regularized by diag_reg >> 100 eps keeps its (fast, accurate) Cholesky
+  solve. (n eps, tried first, sent float32 kernels of n = 1000 with
+  condition numbers ~1e4 to the 5x slower eigen-solve.)"""
   pivots = jnp.abs(jnp.diagonal(chol))
   tiny = (jnp.min(pivots) ** 2 <=
-          chol.shape[0] * jnp.finfo(chol.dtype).eps * jnp.max(pivots) ** 2)
+          100 * jnp.finfo(chol.dtype).eps * jnp.max(pivots) ** 2)
   return ~jnp.all(jnp.isfinite(chol)) | tiny
 
 
@@ -182,6 +209,7 @@ def _min_norm_solve(k, b):
   return evecs @ (inv[:, None] * (evecs.T @ b))
 
 
+@_one_blas_thread
 @jax.jit
 def _solve_factored(chol, k, b):
   """k^{-1} b from its Cholesky factor; min-norm eigen-solve if that failed.
@@ -193,6 +221,7 @@ def _solve_factored(chol, k, b):
                       lambda b: jsl.cho_solve((chol, True), b), b)
 
 
+@_one_blas_thread
 @jax.jit
 def _train_limit(chol, k, y, f0):
   """The t -> inf training outputs f0 + k k^+ (y - f0) of gradient flow.
@@ -516,11 +545,14 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train,
       else:
         s = learning_rate * jnp.asarray(t, kt.dtype)[..., None] / size
         evals, evecs = eigen.get()
-        # K^{-1} (I - exp(-lambda s)) = -V diag(expm1(-lambda s) / lambda) V^T
-        a = -jnp.einsum('rm,mk,...k,nk->...rn', kt, evecs,
-                        _expm1_over(evals, s), evecs)
-        a2 = -jnp.einsum('rm,mk,...k,nk->...rn', kt, evecs,
-                         _expm1_over(evals, 2 * s), evecs)
+        # K^{-1} (I - exp(-lambda s)) = -V diag(expm1(-lambda s) / lambda) V^T;
+        # K_* V is shared by both products (each ~ N_test N^2 flops).
+        ktv = kt @ evecs
+        a = -jnp.einsum('rk,...k,nk->...rn', ktv, _expm1_over(evals, s), evecs)
+        # Only the NNGP covariance needs the doubled time.
+        a2 = (-jnp.einsum('rk,...k,nk->...rn', ktv,
+                          _expm1_over(evals, 2 * s), evecs)
+              if compute_cov and g == 'nngp' else None)
       mean = layout.matrix_to_outputs(a @ y, rows)
       if not compute_cov:
         values[g] = mean

@@ -116,13 +116,13 @@ def diagonal_window_sum(a, axes: Sequence[int], size: int, window: int,
   x1 and x2 position axes given as `axes`), after padding.
   """
   a = pad_axes(a, axes, pad, circular)
-  total = None
+  parts = []
   for offset in range(window):
     part = a
     for axis in axes:
       part = _strided(part, axis, offset, size, stride)
-    total = part if total is None else total + part
-  return total
+    parts.append(part)
+  return sum(parts[1:], parts[0])
 
 
 def box_window_sum(a, axis: int, size: int, window: int, stride: int,

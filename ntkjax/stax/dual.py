@@ -279,6 +279,11 @@ def expect_1d(f: Callable, k, degree: int):
 # `elementwise.py` wrap them.
 
 
+def _is_zero(x) -> bool:
+  """Whether x is a concrete number equal to 0 (traced values never are)."""
+  return isinstance(x, (int, float, np.number)) and x == 0
+
+
 def ab_relu(a: float, b: float) -> Activation:
   """phi(x) = a x (x < 0), b x (x >= 0).
 
@@ -290,14 +295,18 @@ def ab_relu(a: float, b: float) -> Activation:
   (Write phi = b relu(x) - a relu(-x) and use E[relu(u) relu(-v)] =
   s1 s2 (sin theta - theta cos theta) / (2 pi).)
   """
+  # Terms with a zero coefficient (a = 0: ReLU) are left out in Python: XLA
+  # keeps x * 0. (it is NaN for x = inf), an extra pass in large kernels.
   def nngp(k12, k11, k22):
     rho, s1, s2, theta, sin_theta = _correlation(k12, k11, k22)
-    arc = s1 * s2 * (sin_theta + (jnp.pi - theta) * rho) / (2 * jnp.pi)
-    return (a - b)**2 * arc + a * b * k12
+    arc = s1 * s2 * (sin_theta + (jnp.pi - theta) * rho) * (
+        (a - b)**2 / (2 * jnp.pi))
+    return arc if _is_zero(a * b) else arc + a * b * k12
 
   def ntk_factor(k12, k11, k22):
     _, _, _, theta, _ = _correlation(k12, k11, k22)
-    return (a - b)**2 * (jnp.pi - theta) / (2 * jnp.pi) + a * b
+    factor = (jnp.pi - theta) * ((a - b)**2 / (2 * jnp.pi))
+    return factor if _is_zero(a * b) else factor + a * b
 
   def mean(k):
     return (b - a) * safe_sqrt(k / (2 * jnp.pi))
