@@ -21,8 +21,10 @@ setup: $(STAMP)
 demo: setup
 	$(PY) -m ntkjax compare --out demo_output/compare-$$(date +%Y%m%d-%H%M%S)
 
+# One OpenBLAS thread: with XLA's own threads on a 2-core machine, OpenBLAS's
+# spinning threads made LAPACK calls 10-50x slower (DESIGN.md, predict).
 test: setup
-	$(PY) -m pytest -q tests
+	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q tests --durations=25
 
 bench: setup
 	$(PY) benchmarks/run_all.py

@@ -73,11 +73,18 @@ class Spatial:
 
   def variances(self, cov):
     """Per-position variances (S..., N) from a cov1/cov2 array."""
+    return self.same_positions(cov, 1)
+
+  def same_positions(self, a, batch_axes: int):
+    """Same-position entries (S..., batch...) of an nngp (batch_axes = 2) or
+    cov (1) array in this layout: the diagonal of each pair of position axes
+    if the layout is full, the array itself otherwise."""
     if not self.full:
-      return cov
+      return a
     letters = 'abcdefgh'[:self.ndim]
+    batch = 'nm'[:batch_axes]
     pairs = ''.join(c + c for c in letters)
-    return jax.numpy.einsum(f'{pairs}n->{letters}n', cov)
+    return jax.numpy.einsum(f'{pairs}{batch}->{letters}{batch}', a)
 
   def pair(self, a1, a2):
     """Per-position arrays (S..., N1) and (S..., N2), broadcastable against

@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence
 
 import jax.numpy as jnp
 
-from ntkjax.kernel import Kernel, Source, Term, new_source_id
+from ntkjax.kernel import Kernel, Source, Spatial, Term, new_source_id
 from ntkjax.stax import dual
 
 
@@ -281,6 +281,29 @@ def collapse(kernel: Kernel) -> Term:
   return Term(kernel.nngp, kernel.ntk, kernel.cov1, kernel.cov2,
               *_means(terms),
               components=_components(terms), spatial=kernel.spatial)
+
+
+def same_positions(kernel: Kernel) -> Kernel:
+  """The pixel-diagonal version of a kernel kept for all pairs of positions
+  (same random variables, fewer covariances)."""
+  spatial = kernel.spatial
+  diagonal = Spatial(spatial.ndim, True)
+  arrays = dict(nngp=spatial.same_positions(kernel.nngp, 2),
+                ntk=spatial.same_positions(kernel.ntk, 2),
+                cov1=spatial.same_positions(kernel.cov1, 1),
+                cov2=spatial.same_positions(kernel.cov2, 1))
+  whole = collapse(kernel)
+  if kernel.is_gaussian or kernel.is_input:
+    source = new_source(**arrays, components=whole.components,
+                        is_input=kernel.is_input, spatial=diagonal,
+                        **(dict(mean1=whole.mean1, mean2=whole.mean2)
+                           if kernel.is_input else {}))
+    term = term_of(source, Linear(1.))
+  else:
+    term = Term(**arrays, mean1=whole.mean1, mean2=whole.mean2,
+                components=whole.components, spatial=diagonal)
+  return kernel_from_terms([term], kernel, spatial=diagonal,
+                           is_input=kernel.is_input)
 
 
 def gaussian_kernel(nngp, ntk, cov1, cov2, like: Kernel, **changes) -> Kernel:

@@ -148,11 +148,11 @@ def input_kernel(x1, x2=None, diagonal_spatial: bool = False) -> Kernel:
   if spatial.full:
     upper = letters.upper()
     pairs = ''.join(a + b for a, b in zip(letters, upper))
-    cross = f'n{letters}c,m{upper}c->{pairs}nm'
-    own = f'n{letters}c,n{upper}c->{pairs}n'
+    cross = f'n{letters}z,m{upper}z->{pairs}nm'
+    own = f'n{letters}z,n{upper}z->{pairs}n'
   else:
-    cross = f'n{letters}c,m{letters}c->{letters}nm'
-    own = f'n{letters}c,n{letters}c->{letters}n'
+    cross = f'n{letters}z,m{letters}z->{letters}nm'
+    own = f'n{letters}z,n{letters}z->{letters}n'
   dot = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
   second = x1 if x2 is None else x2
   nngp = dot(cross, x1, second) / channels
@@ -324,10 +324,18 @@ class KernelFn:
     x1, x2 = _canonical_inputs(x1, x2)
     diagonal = self.input_diagonal(bool(diagonal_spatial))
     if get is not None and _pair_blocks(x1, x2, diagonal) is not None:
-      return self._by_blocks(x1, x2, get, diagonal)
-    return select(self.kernel_map(input_kernel(x1, x2, diagonal)), get)
+      return self._by_blocks(x1, x2, get, diagonal, bool(diagonal_spatial))
+    return select(self._outputs(x1, x2, diagonal, bool(diagonal_spatial)), get)
 
-  def _by_blocks(self, x1, x2, get, diagonal: bool):
+  def _outputs(self, x1, x2, diagonal: bool, diagonal_output: bool) -> Kernel:
+    """The kernel map on the inputs' Kernel, pixel-diagonal at the output if
+    asked (a pooling layer may have needed all pairs of positions before)."""
+    kernel = self.kernel_map(input_kernel(x1, x2, diagonal))
+    if diagonal_output and isinstance(kernel, Kernel) and kernel.spatial.full:
+      kernel = features.same_positions(kernel)
+    return kernel
+
+  def _by_blocks(self, x1, x2, get, diagonal: bool, diagonal_output: bool):
     """The kernels computed over blocks of pairs in `lax.map` loops.
 
     For spatial inputs every layer makes several passes over arrays of
@@ -362,13 +370,13 @@ class KernelFn:
 
     def column(col):
       def row(x_row):
-        kernel = self.kernel_map(input_kernel(x_row, col, diagonal))
+        kernel = self._outputs(x_row, col, diagonal, diagonal_output)
         return tuple(public(kernel, name) for name in wanted)
       return jax.lax.map(row, rows)
 
     out = dict(zip(wanted, jax.lax.map(column, cols)))
     spatial = jax.eval_shape(
-        lambda a, c: self.kernel_map(input_kernel(a, c, diagonal)),
+        lambda a, c: self._outputs(a, c, diagonal, diagonal_output),
         rows[0], cols[0]).spatial
     result = {}
     for name in names:

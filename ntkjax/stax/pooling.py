@@ -296,17 +296,8 @@ def Flatten(batch_axis: int = 0, batch_axis_out: int = 0) -> Layer:
       return k  # already (batch, features)
     spatial = k.spatial
 
-    def same_position(a, batch_axes):
-      """Same-position entries (S..., batch...) of a full or diagonal array."""
-      if not spatial.full:
-        return a
-      letters = 'abcdefgh'[:spatial.ndim]
-      batch = 'nm'[:batch_axes]
-      pairs = ''.join(c + c for c in letters)
-      return jnp.einsum(f'{pairs}{batch}->{letters}{batch}', a)
-
     def mean(a, batch_axes):
-      a = same_position(a, batch_axes)
+      a = spatial.same_positions(a, batch_axes)
       return jnp.mean(a, tuple(range(a.ndim - batch_axes)))
 
     shape1 = (k.shape1[0], math.prod(k.shape1[1:]))
