@@ -107,7 +107,9 @@ def _canonical_inputs(x1, x2):
           f'kernel_fn: {name} has shape {tuple(x.shape)}; inputs are '
           '(batch, features) for fully connected networks or (batch, '
           'spatial..., channels) for convolutional ones.')
-    if is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
+    # numpy, not jnp: a concrete array captured by an outer jit is checked
+    # here, while jnp.isfinite of it would be traced.
+    if is_concrete(x) and not bool(np.all(np.isfinite(np.asarray(x)))):
       raise ValueError(f'kernel_fn: {name} contains NaN or infinite values; '
                        'clean or impute the data first.')
     return x
