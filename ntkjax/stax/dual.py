@@ -111,39 +111,11 @@ def _correlation(k12, k11, k22):
   # one multiply per kernel entry instead of a divide.
   inverse1, inverse2 = safe_divide(1., sigma1), safe_divide(1., sigma2)
   rho = jnp.clip(k12 * inverse1 * inverse2, -1., 1.)
-  if jnp.finfo(rho.dtype).bits <= 32:
-    # One square root for both angle pieces: with x = |rho|,
-    # arccos(x) = sqrt(1 - x) P(x) and sin(theta) = sqrt(1 - x) sqrt(1 + x),
-    # sqrt(1 + x) a polynomial too. Each sqrt is a separate XLA fusion that
-    # re-computes everything fused before it (a CNN layer's convolution), so
-    # this saves whole passes over the kernel, not just a sqrt.
-    x = jnp.abs(rho)
-    root = safe_sqrt(1. - x)
-    theta = root * _horner(_ACOS_COEFFICIENTS, x)
-    theta = jnp.where(rho < 0, jnp.pi - theta, theta)
-    return rho, sigma1, sigma2, theta, root * _horner(_SQRT1P_COEFFICIENTS, x)
   sin_theta = safe_sqrt(1. - rho**2)
   # atan2 with a safe sqrt has gradient 0 at rho = +-1 where arccos' is
   # infinite; every formula below has a finite limit there, which this gives.
   theta = _arccos(rho, sin_theta)
   return rho, sigma1, sigma2, theta, sin_theta
-
-
-def _horner(coefficients, x):
-  """sum_k coefficients[k] x^k."""
-  value = coefficients[-1]
-  for c in coefficients[-2::-1]:
-    value = value * x + c
-  return value
-
-
-# sqrt(1 + x) on [0, 1]: Chebyshev interpolant of degree 8 in the power basis,
-# max error 4.5e-9 (float32 evaluation: 1.1e-7, one ulp).
-_SQRT1P_COEFFICIENTS = tuple(float(c) for c in  # Python floats: weak types
-    np.polynomial.chebyshev.Chebyshev.interpolate(
-        lambda t: np.sqrt(1. + t), 8, domain=[0., 1.]).convert(
-            kind=np.polynomial.Polynomial, domain=[0., 1.],
-            window=[0., 1.]).coef)
 
 
 # ----------------------------------------------------------------------------
