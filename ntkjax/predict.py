@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp

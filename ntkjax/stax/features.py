@@ -283,27 +283,53 @@ def collapse(kernel: Kernel) -> Term:
               components=_components(terms), spatial=kernel.spatial)
 
 
+def linear_map_kernel(k: Kernel, nngp, ntk, cov1, cov2, map_means,
+                      spatial: Spatial, shape1: tuple, shape2: tuple,
+                      keeps_gaussian: bool = True) -> Kernel:
+  """The Kernel of a parameter-free linear map (pooling, Flatten, taking
+  the same-position entries) of `k`'s features.
+
+  Args:
+    k: the input kernel.
+    nngp, ntk, cov1, cov2: the mapped moments.
+    map_means: the same linear map on per-position channel means (N, S...).
+    spatial, shape1, shape2: the output layout and shapes.
+    keeps_gaussian: whether the map takes a Gaussian field to one whose
+      channels are identically distributed Gaussians (pooling), rather than
+      to a mixture over positions (Flatten).
+
+  Returns:
+    The output Kernel: the raw inputs stay inputs, a Gaussian field stays
+    Gaussian (same components: same random weights), anything else becomes
+    one opaque term (no nonlinearity may follow directly).
+  """
+  whole = collapse(k)
+  if k.is_input or (k.is_gaussian and keeps_gaussian):
+    means = {}
+    if k.is_input:
+      means = dict(mean1=map_means(whole.mean1), mean2=map_means(whole.mean2))
+    source = new_source(nngp, ntk, cov1, cov2,
+                                 components=whole.components,
+                                 is_input=k.is_input, spatial=spatial, **means)
+    term = term_of(source, Linear(1.))
+  else:
+    term = Term(nngp, ntk, cov1, cov2, map_means(whole.mean1),
+                map_means(whole.mean2), components=whole.components,
+                spatial=spatial)
+  return kernel_from_terms([term], k, spatial=spatial, shape1=shape1,
+                                    shape2=shape2, is_input=k.is_input)
+
+
 def same_positions(kernel: Kernel) -> Kernel:
   """The pixel-diagonal version of a kernel kept for all pairs of positions
   (same random variables, fewer covariances)."""
   spatial = kernel.spatial
-  diagonal = Spatial(spatial.ndim, True)
-  arrays = dict(nngp=spatial.same_positions(kernel.nngp, 2),
-                ntk=spatial.same_positions(kernel.ntk, 2),
-                cov1=spatial.same_positions(kernel.cov1, 1),
-                cov2=spatial.same_positions(kernel.cov2, 1))
-  whole = collapse(kernel)
-  if kernel.is_gaussian or kernel.is_input:
-    source = new_source(**arrays, components=whole.components,
-                        is_input=kernel.is_input, spatial=diagonal,
-                        **(dict(mean1=whole.mean1, mean2=whole.mean2)
-                           if kernel.is_input else {}))
-    term = term_of(source, Linear(1.))
-  else:
-    term = Term(**arrays, mean1=whole.mean1, mean2=whole.mean2,
-                components=whole.components, spatial=diagonal)
-  return kernel_from_terms([term], kernel, spatial=diagonal,
-                           is_input=kernel.is_input)
+  return linear_map_kernel(
+      kernel, spatial.same_positions(kernel.nngp, 2),
+      spatial.same_positions(kernel.ntk, 2),
+      spatial.same_positions(kernel.cov1, 1),
+      spatial.same_positions(kernel.cov2, 1), lambda m: m,
+      Spatial(spatial.ndim, True), kernel.shape1, kernel.shape2)
 
 
 def gaussian_kernel(nngp, ntk, cov1, cov2, like: Kernel, **changes) -> Kernel:

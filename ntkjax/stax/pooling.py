@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 
 import jax.numpy as jnp
 
-from ntkjax.kernel import Kernel, Spatial, Term
+from ntkjax.kernel import Kernel, Spatial
 from ntkjax.stax import features
 from ntkjax.stax.conv import (box_window_sum, check_padding, spatial_axes,
                               window_geometry)
@@ -61,42 +61,6 @@ def _require_full(k: Kernel, name: str):
         'kernel it received keeps only same-position ones '
         '(diagonal_spatial=True). Call kernel_fn with diagonal_spatial=False '
         '(the default) or pool before the layer that dropped them.')
-
-
-def _output_kernel(k: Kernel, nngp, ntk, cov1, cov2, map_means,
-                   spatial: Spatial, shape1: tuple, shape2: tuple,
-                   keeps_gaussian: bool = True) -> Kernel:
-  """The Kernel of a parameter-free linear map of `k`'s features.
-
-  Args:
-    k: the input kernel.
-    nngp, ntk, cov1, cov2: the mapped moments.
-    map_means: the same linear map on per-position channel means (N, S...).
-    spatial, shape1, shape2: the output layout and shapes.
-    keeps_gaussian: whether the map takes a Gaussian field to one whose
-      channels are identically distributed Gaussians (pooling), rather than
-      to a mixture over positions (Flatten).
-
-  Returns:
-    The output Kernel: the raw inputs stay inputs, a Gaussian field stays
-    Gaussian (same components: same random weights), anything else becomes
-    one opaque term (no nonlinearity may follow directly).
-  """
-  whole = features.collapse(k)
-  if k.is_input or (k.is_gaussian and keeps_gaussian):
-    means = {}
-    if k.is_input:
-      means = dict(mean1=map_means(whole.mean1), mean2=map_means(whole.mean2))
-    source = features.new_source(nngp, ntk, cov1, cov2,
-                                 components=whole.components,
-                                 is_input=k.is_input, spatial=spatial, **means)
-    term = features.term_of(source, features.Linear(1.))
-  else:
-    term = Term(nngp, ntk, cov1, cov2, map_means(whole.mean1),
-                map_means(whole.mean2), components=whole.components,
-                spatial=spatial)
-  return features.kernel_from_terms([term], k, spatial=spatial, shape1=shape1,
-                                    shape2=shape2, is_input=k.is_input)
 
 
 def _check_window(window_shape, strides, name):
@@ -197,8 +161,9 @@ def _pool(window_shape, strides, padding, normalize_edges, average: bool,
 
     shape1 = (k.shape1[0],) + sizes + (k.shape1[-1],)
     shape2 = (k.shape2[0],) + sizes + (k.shape2[-1],)
-    return _output_kernel(k, pool(k.nngp), pool(k.ntk), pool(k.cov1),
-                          pool(k.cov2), pool_means, k.spatial, shape1, shape2)
+    return features.linear_map_kernel(
+        k, pool(k.nngp), pool(k.ntk), pool(k.cov1), pool(k.cov2), pool_means,
+        k.spatial, shape1, shape2)
 
   return layer(name, init_fn, apply_fn, kernel_map, _needs_full)
 
@@ -257,7 +222,7 @@ def _global(average: bool, name: str) -> Layer:
     own1 = 1. / positions**2 if average else 1.
     own2 = 1. / positions2**2 if average else 1.
     mean_scale = 1. / positions if average else 1.
-    return _output_kernel(
+    return features.linear_map_kernel(
         k, reduce(k.nngp, 2, pair), reduce(k.ntk, 2, pair),
         reduce(k.cov1, 1, own1), reduce(k.cov2, 1, own2),
         lambda m: reduce(m, 1, mean_scale), Spatial(0),
@@ -302,7 +267,7 @@ def Flatten(batch_axis: int = 0, batch_axis_out: int = 0) -> Layer:
 
     shape1 = (k.shape1[0], math.prod(k.shape1[1:]))
     shape2 = (k.shape2[0], math.prod(k.shape2[1:]))
-    return _output_kernel(
+    return features.linear_map_kernel(
         k, mean(k.nngp, 2), mean(k.ntk, 2), mean(k.cov1, 1), mean(k.cov2, 1),
         lambda m: jnp.mean(m, tuple(range(m.ndim - 1))), Spatial(0),
         shape1, shape2, keeps_gaussian=False)
