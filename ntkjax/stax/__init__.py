@@ -5,6 +5,7 @@ and keyword arguments follow neural-tangents' `stax`.
 """
 
 from ntkjax.stax.conv import Conv
+from ntkjax.stax.normalization import LayerNorm
 from ntkjax.stax.pooling import (AvgPool, Flatten, GlobalAvgPool,
                                  GlobalSumPool, SumPool)
 from ntkjax.stax.combinators import (FanInConcat, FanInProd, FanInSum, FanOut,
@@ -22,7 +23,7 @@ from ntkjax.stax.linear import Dense, Identity
 
 __all__ = [
     'ABRelu', 'Abs', 'AvgPool', 'Conv', 'Cos', 'Dense', 'Flatten',
-    'GlobalAvgPool', 'GlobalSumPool', 'SumPool', 'Elementwise', 'ElementwiseNumerical',
+    'GlobalAvgPool', 'GlobalSumPool', 'LayerNorm', 'SumPool', 'Elementwise', 'ElementwiseNumerical',
     'Elu', 'Erf', 'Exp', 'FanInConcat', 'FanInProd', 'FanInSum', 'FanOut',
     'Gaussian', 'Gelu', 'Hermite', 'Identity', 'KernelError', 'KernelFn',
     'Layer', 'LeakyRelu', 'Monomial', 'Polynomial', 'Rbf',
