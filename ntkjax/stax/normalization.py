@@ -15,8 +15,8 @@ features concentrate on their expectations m = E[h] and v = E[h^2] - m^2
 (the parameter gradients of the channel mean and variance are averages of
 n independent per-channel gradients, so their contribution to the NTK is
 O(1/n)). The means m come from the features' terms, so LayerNorm after a
-ReLU (features with non-zero mean) is exact; neural-tangents' formula
-omits the centering, which is exact only for zero-mean features.
+ReLU (features with non-zero mean) is exact; neural-tangents implements
+LayerNorm for Gaussian (zero-mean) inputs only and raises otherwise.
 
 A Gaussian field stays Gaussian (scaled per sample); normalized non-Gaussian
 features are one opaque term, so a nonlinearity directly after them raises
