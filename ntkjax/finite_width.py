@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntkjax import stax
+from ntkjax import _plotting, stax
 from ntkjax.empirical import empirical_nngp_fn, empirical_ntk_fn
 
 
@@ -491,14 +491,6 @@ def ntk_diagonal_spread(depths: Sequence[int], widths: Sequence[int], key,
 # Plots.
 
 
-def _pyplot():
-  try:
-    import matplotlib.pyplot as plt
-  except ImportError as error:
-    raise ImportError(
-        'Plotting needs matplotlib: pip install matplotlib') from error
-  return plt
-
 
 def plot_width_scaling(result: WidthScaling, ax=None,
                        reference_slope: float = -0.5, label: str = ''):
@@ -513,9 +505,7 @@ def plot_width_scaling(result: WidthScaling, ax=None,
   Returns:
     The Axes.
   """
-  plt = _pyplot()
-  if ax is None:
-    _, ax = plt.subplots(figsize=(5, 4))
+  ax = _plotting.axes(ax)
   w = np.asarray(result.widths, float)
   ax.errorbar(w, result.mean, yerr=2 * result.stderr, fmt='o', capsize=3,
               label=label or 'Monte Carlo (+-2 s.e.)')
@@ -540,9 +530,7 @@ def plot_jacobian_norms(result: JacobianNorms, ax=None):
   Returns:
     The Axes.
   """
-  plt = _pyplot()
-  if ax is None:
-    _, ax = plt.subplots(figsize=(5, 4))
+  ax = _plotting.axes(ax)
   ratio = result.depths / result.widths
   order = np.argsort(ratio)
   ax.errorbar(ratio, result.factor_measured,
@@ -568,9 +556,7 @@ def plot_ntk_spread(result: NtkSpread, ax=None):
   Returns:
     The Axes.
   """
-  plt = _pyplot()
-  if ax is None:
-    _, ax = plt.subplots(figsize=(5, 4))
+  ax = _plotting.axes(ax)
   ratio = result.depths / result.widths
   order = np.argsort(ratio)
   ax.errorbar(ratio, result.ratio, yerr=2 * result.ratio_stderr, fmt='o',

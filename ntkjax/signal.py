@@ -66,7 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntkjax import stax
+from ntkjax import _plotting, stax
 from ntkjax.kernel import Kernel
 from ntkjax.stax import features
 
@@ -605,14 +605,6 @@ def phase_diagram(activation: Activation, W_std_grid: Sequence[float],
                       np.asarray(critical))
 
 
-def _pyplot():
-  try:
-    import matplotlib.pyplot as plt
-  except ImportError as error:
-    raise ImportError(
-        'Plotting needs matplotlib: pip install matplotlib') from error
-  return plt
-
 
 def plot_phase_diagram(diagram: PhaseDiagram, ax=None, quantity: str = 'chi1'):
   """Ordered / chaotic regions in the (W_std^2, b_std^2) plane.
@@ -626,10 +618,8 @@ def plot_phase_diagram(diagram: PhaseDiagram, ax=None, quantity: str = 'chi1'):
   Returns:
     The Axes. The black line is the critical line chi1 = 1.
   """
-  plt = _pyplot()
+  ax = _plotting.axes(ax)
   from matplotlib import colors
-  if ax is None:
-    _, ax = plt.subplots(figsize=(5, 4))
   w2, b2 = diagram.W_std**2, diagram.b_std**2
   if quantity == 'chi1':
     values = np.log(np.maximum(diagram.mean_field.chi1, 1e-300))

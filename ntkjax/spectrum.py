@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntkjax import stax
+from ntkjax import _plotting, stax
 from ntkjax.stax import Layer
 
 
@@ -227,14 +227,6 @@ def depth_sweep(x, max_depth: int, *, network_fn: Optional[Callable] = None,
                     np.asarray(_diagonal_error(nngp, cov)), label)
 
 
-def _pyplot():
-  try:
-    import matplotlib.pyplot as plt
-  except ImportError as error:
-    raise ImportError(
-        'Plotting needs matplotlib: pip install matplotlib') from error
-  return plt
-
 
 _TRUSTED_DIAGONAL_ERROR = 1e-6
 
@@ -253,11 +245,10 @@ def plot_depth_sweep(sweeps: Union[DepthSweep, Sequence[DepthSweep]],
     lambda_min / lambda_max. Depths whose `diagonal_error` exceeds 1e-6
     are not drawn.
   """
-  plt = _pyplot()
   if isinstance(sweeps, DepthSweep):
     sweeps = [sweeps]
   if axes is None:
-    _, axes = plt.subplots(1, 2, figsize=(10, 4))
+    _, axes = _plotting.pyplot().subplots(1, 2, figsize=(10, 4))
   for sweep in sweeps:
     s = getattr(sweep, kernel)
     # Depths where the recursion lost accuracy (see DepthSweep) are left out.
