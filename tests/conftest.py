@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from ntkjax import stax
+
 jax.config.update('jax_enable_x64', True)
 
 
@@ -92,6 +94,32 @@ def assert_monte_carlo_close(estimate, exact, width, label=''):
       f'{label}: Monte Carlo disagrees with kernel_fn: max error '
       f'{np.max(error):.4g}, tolerance {np.min(tolerance):.4g}..'
       f'{np.max(tolerance):.4g}\nexact=\n{exact}\nmc=\n{mean}')
+
+
+def check_layers_against_monte_carlo(body, inputs, name, width, seeds_nngp=24,
+                                    seeds_ntk=96, key=0):
+  """`body()` followed by a Dense readout: the NNGP with a wide readout and
+  the NTK with a narrow one (2 outputs, cheaper Jacobians), each within
+  `assert_monte_carlo_close` of kernel_fn.
+
+  Args:
+    body: builds the layers under test (called once per readout).
+    inputs: (x1, x2).
+    name: label for failures.
+    width: the hidden width of `body` (for the finite-width bias allowance).
+    seeds_nngp, seeds_ntk: Monte Carlo samples.
+    key: PRNG seed.
+  """
+  x1, x2 = inputs
+  key = jax.random.PRNGKey(key)
+  wide = stax.serial(body(), stax.Dense(width, W_std=1.2, b_std=0.1))
+  narrow = stax.serial(body(), stax.Dense(2, W_std=1.2, b_std=0.1))
+  nngp = monte_carlo(wide, x1, x2, key, seeds_nngp, ('nngp',))['nngp']
+  ntk = monte_carlo(narrow, x1, x2, key, seeds_ntk, ('ntk',))['ntk']
+  assert_monte_carlo_close(nngp, wide.kernel_fn(x1, x2, 'nngp'), width,
+                           f'{name} nngp')
+  assert_monte_carlo_close(ntk, narrow.kernel_fn(x1, x2, 'ntk'), width,
+                           f'{name} ntk')
 
 
 def direct_empirical_kernel(f, params, x1, x2, trace, diagonal, kind):

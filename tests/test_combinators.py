@@ -6,24 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import assert_monte_carlo_close, monte_carlo
+from conftest import (assert_monte_carlo_close,
+                      check_layers_against_monte_carlo, monte_carlo)
 from ntkjax import stax
 
 WIDTH = 512
-
-
-def _check(body, inputs, name, seeds_nngp=24, seeds_ntk=96, key=0):
-  """Monte Carlo check of NNGP (wide readout) and NTK (narrow readout)."""
-  x1, x2 = inputs
-  key = jax.random.PRNGKey(key)
-  wide = stax.serial(body(), stax.Dense(WIDTH, W_std=1.2, b_std=0.1))
-  narrow = stax.serial(body(), stax.Dense(2, W_std=1.2, b_std=0.1))
-  nngp = monte_carlo(wide, x1, x2, key, seeds_nngp, ('nngp',))['nngp']
-  ntk = monte_carlo(narrow, x1, x2, key, seeds_ntk, ('ntk',))['ntk']
-  assert_monte_carlo_close(nngp, wide.kernel_fn(x1, x2, 'nngp'), WIDTH,
-                           f'{name} nngp')
-  assert_monte_carlo_close(ntk, narrow.kernel_fn(x1, x2, 'ntk'), WIDTH,
-                           f'{name} ntk')
 
 
 def _dense(**kwargs):
@@ -78,7 +65,8 @@ ARCHITECTURES = {
 
 @pytest.mark.parametrize('name', sorted(ARCHITECTURES))
 def test_architecture_matches_monte_carlo(name, inputs):
-  _check(ARCHITECTURES[name], inputs, name, key=len(name))
+  check_layers_against_monte_carlo(ARCHITECTURES[name], inputs, name, WIDTH,
+                                  key=len(name))
 
 
 def test_residual_on_raw_inputs_matches_monte_carlo(inputs):

@@ -1,27 +1,12 @@
 """LayerNorm: its kernel against Monte Carlo of the finite networks, exact
 identities, and clear errors."""
-import jax
 import numpy as np
 import pytest
-from conftest import assert_monte_carlo_close, monte_carlo
+from conftest import check_layers_against_monte_carlo
 
 from ntkjax import stax
 
 WIDTH = 512
-
-
-def _check(body, inputs, name, seeds_nngp=24, seeds_ntk=96):
-  """NNGP (wide readout) and NTK (narrow readout) vs Monte Carlo."""
-  x1, x2 = inputs
-  key = jax.random.PRNGKey(len(name))
-  wide = stax.serial(body(), stax.Dense(WIDTH, W_std=1.2, b_std=0.1))
-  narrow = stax.serial(body(), stax.Dense(2, W_std=1.2, b_std=0.1))
-  nngp = monte_carlo(wide, x1, x2, key, seeds_nngp, ('nngp',))['nngp']
-  ntk = monte_carlo(narrow, x1, x2, key, seeds_ntk, ('ntk',))['ntk']
-  assert_monte_carlo_close(nngp, wide.kernel_fn(x1, x2, 'nngp'), WIDTH,
-                           f'{name} nngp')
-  assert_monte_carlo_close(ntk, narrow.kernel_fn(x1, x2, 'ntk'), WIDTH,
-                           f'{name} ntk')
 
 
 def _dense():
@@ -31,16 +16,19 @@ def _dense():
 def test_layer_norm_after_relu_matches_monte_carlo(inputs):
   """ReLU features have a non-zero channel mean: the kernel must center
   them (nngp - m m') before scaling, as the finite layer does."""
-  _check(lambda: stax.serial(_dense(), stax.Relu(), stax.LayerNorm(),
-                             _dense(), stax.Erf()), inputs, 'relu_norm')
+  check_layers_against_monte_carlo(
+      lambda: stax.serial(_dense(), stax.Relu(), stax.LayerNorm(), _dense(),
+                          stax.Erf()),
+      inputs, 'relu_norm', WIDTH, key=len('relu_norm'))
 
 
 def test_nonlinearity_after_layer_norm_of_gaussian_matches_monte_carlo(
     inputs):
   """LayerNorm of pre-activations is a per-sample rescaled Gaussian field,
   so a nonlinearity may follow it directly."""
-  _check(lambda: stax.serial(_dense(), stax.LayerNorm(), stax.Relu()),
-         inputs, 'norm_relu')
+  check_layers_against_monte_carlo(
+      lambda: stax.serial(_dense(), stax.LayerNorm(), stax.Relu()),
+      inputs, 'norm_relu', WIDTH, key=len('norm_relu'))
 
 
 def test_layer_norm_of_gaussian_is_the_correlation(inputs):
