@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from typing import Callable
 
 import jax
 import numpy as np
@@ -107,13 +106,7 @@ def run(stax, sizes) -> list:
 
 def write(records: list, library: str, version: str, quick: bool,
           prefix: str) -> str:
-  """Write `<prefix>_<backend>[_quick].json` under results/, print a table."""
-  payload = {'benchmark': 'cnn_kernel', 'library': library,
-             'library_version': version, 'quick': quick,
-             'machine': _common.machine_info(), 'cases': records}
-  path = _common.write_results(
-      f'{prefix}_{jax.default_backend()}{"_quick" if quick else ""}.json',
-      payload)
-  _common.print_table(records, COLUMNS)
-  print(f'wrote {path}')
-  return path
+  """Write `<prefix>_<backend>[_quick].json` under results/, print a table
+  (`_common.write_benchmark`)."""
+  return _common.write_benchmark('cnn_kernel', records, library, version, quick,
+                                 prefix, COLUMNS)

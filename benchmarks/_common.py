@@ -143,6 +143,37 @@ def write_results(filename: str, payload: dict) -> str:
   return path
 
 
+def write_benchmark(benchmark: str, records: list, library: str,
+                    version: str, quick: bool, prefix: str,
+                    columns: Sequence[str], **extra) -> str:
+  """Write a benchmark's records as JSON under results/ and print a table.
+
+  The file is `<prefix>_<backend>.json`, or `<prefix>_<backend>_quick.json`
+  for a `--quick` run, so a smoke run never overwrites the full numbers.
+
+  Args:
+    benchmark: the benchmark's name (pairs ours with the reference's).
+    records: one dict per case.
+    library: 'ntkjax' or 'neural_tangents'.
+    version: the library's version string.
+    quick: whether this was a `--quick` run.
+    prefix: file-name prefix, e.g. 'fc_kernel' or 'fc_kernel_reference'.
+    columns: the record fields printed in the table.
+    **extra: more top-level fields (e.g. the protocol's settings).
+
+  Returns:
+    The path written.
+  """
+  payload = dict(benchmark=benchmark, library=library, library_version=version,
+                 quick=quick, machine=machine_info(), **extra, cases=records)
+  suffix = '_quick' if quick else ''
+  path = write_results(f'{prefix}_{jax.default_backend()}{suffix}.json',
+                       payload)
+  print_table(records, columns)
+  print(f'wrote {path}')
+  return path
+
+
 def print_table(rows: Sequence[dict], columns: Sequence[str]):
   """Print `rows` as a fixed-width text table.
 

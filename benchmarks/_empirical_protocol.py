@@ -279,14 +279,8 @@ def main(argv, *, script: str, stax, make_ntk_fn: Callable,
               'case_timeout_seconds': CASE_TIMEOUT_SECONDS,
               'quiet_cores': QUIET_CORES,
               'quiet_wait_seconds': QUIET_WAIT_SECONDS}
-  payload = dict(benchmark='empirical_ntk', library=library,
-                 library_version=version, quick=args.quick,
-                 machine=_common.machine_info(), protocol=protocol,
-                 total_seconds=round(time.perf_counter() - start, 1),
-                 **(extra or {}), cases=records)
-  suffix = '_quick' if args.quick else ''
-  path = _common.write_results(
-      f'{prefix}_{jax.default_backend()}{suffix}.json', payload)
-  _common.print_table(records, COLUMNS)
-  print(f'wrote {path} after {payload["total_seconds"]} s')
+  _common.write_benchmark(
+      'empirical_ntk', records, library, version, args.quick, prefix, COLUMNS,
+      protocol=protocol, total_seconds=round(time.perf_counter() - start, 1),
+      **(extra or {}))
   return 0

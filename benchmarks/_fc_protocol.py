@@ -12,7 +12,6 @@ import argparse
 import statistics
 from typing import Callable, Sequence
 
-import jax
 
 import _common
 
@@ -119,32 +118,7 @@ def run(build: Callable[[str], Callable], call: Callable,
 
 def write(records: list, library: str, version: str, quick: bool,
           prefix: str) -> str:
-  """Write the records to results/ as JSON and print a table.
-
-  The file is `<prefix>_<backend>.json`, or `<prefix>_<backend>_quick.json`
-  for a `--quick` run, so a smoke run never overwrites the full numbers.
-
-  Args:
-    records: output of `run`.
-    library: 'ntkjax' or 'neural_tangents'.
-    version: the library's version string.
-    quick: whether this was a `--quick` run.
-    prefix: file-name prefix, e.g. 'fc_kernel' or 'fc_kernel_reference'.
-
-  Returns:
-    The path written.
-  """
-  payload = {
-      'benchmark': 'fc_kernel',
-      'library': library,
-      'library_version': version,
-      'quick': quick,
-      'machine': _common.machine_info(),
-      'cases': records,
-  }
-  suffix = '_quick' if quick else ''
-  path = _common.write_results(
-      f'{prefix}_{jax.default_backend()}{suffix}.json', payload)
-  _common.print_table(records, COLUMNS)
-  print(f'wrote {path}')
-  return path
+  """Write `<prefix>_<backend>[_quick].json` under results/, print a table
+  (`_common.write_benchmark`)."""
+  return _common.write_benchmark('fc_kernel', records, library, version, quick,
+                                 prefix, COLUMNS)

@@ -92,13 +92,7 @@ def run(stax, ensemble_fn, quick: bool) -> list:
 
 def write(records: list, library: str, version: str, quick: bool,
           prefix: str) -> str:
-  """Write `<prefix>_<backend>[_quick].json` under results/, print a table."""
-  payload = {'benchmark': 'predict_ensemble', 'library': library,
-             'library_version': version, 'quick': quick,
-             'machine': _common.machine_info(), 'cases': records}
-  path = _common.write_results(
-      f'{prefix}_{jax.default_backend()}{"_quick" if quick else ""}.json',
-      payload)
-  _common.print_table(records, COLUMNS)
-  print(f'wrote {path}')
-  return path
+  """Write `<prefix>_<backend>[_quick].json` under results/, print a table
+  (`_common.write_benchmark`)."""
+  return _common.write_benchmark('predict_ensemble', records, library, version, quick,
+                                 prefix, COLUMNS)
