@@ -49,6 +49,19 @@ def _padded(x, start: int, stop: int, size: int):
   return block
 
 
+def _patterns(pattern, symmetric: bool) -> tuple:
+  """`(pattern1, pattern2)` from `kernel_fn`'s `pattern` keyword."""
+  if pattern is None:
+    return None, None
+  if isinstance(pattern, (tuple, list)):
+    first, second = pattern
+  else:
+    first, second = pattern, None
+  if second is None and symmetric:
+    second = first
+  return first, second
+
+
 def batch(kernel_fn: Callable, batch_size: int = 0, device_count: int = -1,
           store_on_device: bool = True) -> Callable:
   """Wrap `kernel_fn` to compute kernels block by block.
@@ -87,7 +100,10 @@ def batch(kernel_fn: Callable, batch_size: int = 0, device_count: int = -1,
     symmetric = x2 is None
     x2 = x1 if symmetric else jnp.asarray(x2)
     n1, n2 = x1.shape[0], x2.shape[0]
+    pattern = kwargs.pop('pattern', None)
     if batch_size == 0 or (batch_size >= n1 and batch_size >= n2):
+      if pattern is not None:
+        kwargs['pattern'] = pattern
       out = compiled(x1, None if symmetric else x2, names, **kwargs)
       out = {name: gather(getattr(out, name)) for name in names}
     else:
@@ -100,6 +116,9 @@ def batch(kernel_fn: Callable, batch_size: int = 0, device_count: int = -1,
         spatial = jax.eval_shape(
             functools.partial(kernel_fn, get=None, **kwargs),
             x1[:size], x2[:size]).spatial
+      pattern1, pattern2 = _patterns(pattern, symmetric)
+      cut = lambda p, start, stop: (None if p is None
+                                    else _padded(p, start, stop, size))
       results = {}
       for i, (r0, r1) in enumerate(rows):
         xi = _padded(x1, r0, r1, size)
@@ -107,6 +126,14 @@ def batch(kernel_fn: Callable, batch_size: int = 0, device_count: int = -1,
           if symmetric and j < i:
             continue
           xj = _padded(x2, c0, c1, size)
+          if pattern1 is not None:
+            kwargs['pattern'] = (cut(pattern1, r0, r1), cut(pattern2, c0, c1))
+          if symmetric and j == i:
+            # A diagonal block of one batch is computed as x2 = None, so the
+            # layers know which pairs are the same sample (Dropout).
+            xj = None
+            if pattern1 is not None:
+              kwargs['pattern'] = kwargs['pattern'][0]
           block = compiled(xi, xj, tuple(pair_names) + ('cov1', 'cov2'),
                            **kwargs)
           results[i, j] = {name: gather(getattr(block, name)

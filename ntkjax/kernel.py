@@ -236,12 +236,23 @@ class Kernel:
     shape1, shape2: shapes of the finite network's features on x1, x2; the
       last axis is the channel axis, whose size is the layer's width.
     spatial: the layout of the arrays over spatial axes (`Spatial`).
+    sample_ids1, sample_ids2: `(N1,)`, `(N2,)` integer ids of the samples
+      when x1 and x2 are (blocks of) one batch, so that equal ids are the same
+      sample (the same draw of a dropout mask); None otherwise (see
+      `same_sample`).
+    pattern1, pattern2: the `pattern` keyword of `kernel_fn` for x1 and x2
+      (graph adjacency, for `Aggregate`), batch-first as given; None if not
+      given.
   """
   nngp: Array
   ntk: Array
   cov1: Array
   cov2: Array
   terms: tuple = ()
+  sample_ids1: Optional[Array] = None
+  sample_ids2: Optional[Array] = None
+  pattern1: Optional[Array] = None
+  pattern2: Optional[Array] = None
   x1_is_x2: bool = False
   is_gaussian: bool = False
   is_input: bool = False
@@ -258,10 +269,26 @@ class Kernel:
     """A copy with the given fields replaced."""
     return dataclasses.replace(self, **changes)
 
+  def same_sample(self) -> Optional[Array]:
+    """`(N1, N2)` boolean: whether x1_i and x2_j are the same sample (one
+    batch, the same row), or None if x1 and x2 are different batches.
+
+    Layers whose randomness is drawn per sample (dropout masks) correlate a
+    sample with itself only; kernels computed in blocks of one batch carry
+    the rows' ids so the blocks on the diagonal still know it.
+    """
+    if self.sample_ids1 is not None:
+      return self.sample_ids1[:, None] == self.sample_ids2[None, :]
+    if self.x1_is_x2:
+      n = self.shape1[0]
+      return jax.numpy.eye(n, dtype=bool)
+    return None
+
 
 jax.tree_util.register_dataclass(
     Kernel,
-    data_fields=['nngp', 'ntk', 'cov1', 'cov2', 'terms'],
+    data_fields=['nngp', 'ntk', 'cov1', 'cov2', 'terms', 'sample_ids1',
+                 'sample_ids2', 'pattern1', 'pattern2'],
     meta_fields=['x1_is_x2', 'is_gaussian', 'is_input', 'shape1', 'shape2',
                  'spatial'])
 

@@ -5,6 +5,7 @@ and keyword arguments follow neural-tangents' `stax`.
 """
 
 from ntkjax.stax.conv import Conv
+from ntkjax.stax.dropout import Dropout
 from ntkjax.stax.normalization import LayerNorm
 from ntkjax.stax.pooling import (AvgPool, Flatten, GlobalAvgPool,
                                  GlobalSumPool, SumPool)
@@ -22,7 +23,7 @@ from ntkjax.stax.layer import KernelFn, Layer
 from ntkjax.stax.linear import Dense, Identity
 
 __all__ = [
-    'ABRelu', 'Abs', 'AvgPool', 'Conv', 'Cos', 'Dense', 'Flatten',
+    'ABRelu', 'Abs', 'AvgPool', 'Conv', 'Cos', 'Dense', 'Dropout', 'Flatten',
     'GlobalAvgPool', 'GlobalSumPool', 'LayerNorm', 'SumPool', 'Elementwise', 'ElementwiseNumerical',
     'Elu', 'Erf', 'Exp', 'FanInConcat', 'FanInProd', 'FanInSum', 'FanOut',
     'Gaussian', 'Gelu', 'Hermite', 'Identity', 'KernelError', 'KernelFn',

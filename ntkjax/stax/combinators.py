@@ -42,7 +42,8 @@ def serial(*layers: Layer) -> Layer:
       params.append(p)
     return input_shape, tuple(params)
 
-  def apply_fn(params, x, *, key=None, **kwargs):
+  def apply_fn(params, x, *, key=None, rng=None, **kwargs):
+    key = rng if key is None else key  # `rng`: neural-tangents' name
     keys = ([None] * len(layers) if key is None
             else list(jax.random.split(key, max(len(layers), 1))))
     for a_layer, p, layer_key in zip(layers, params, keys):
@@ -92,7 +93,8 @@ def parallel(*layers: Layer) -> Layer:
     outs = [l[0](k, s) for l, k, s in zip(layers, keys, input_shapes)]
     return [o[0] for o in outs], tuple(o[1] for o in outs)
 
-  def apply_fn(params, xs, *, key=None, **kwargs):
+  def apply_fn(params, xs, *, key=None, rng=None, **kwargs):
+    key = rng if key is None else key  # `rng`: neural-tangents' name
     check(xs, 'inputs')
     keys = ([None] * len(layers) if key is None
             else list(jax.random.split(key, len(layers))))

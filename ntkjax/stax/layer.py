@@ -128,7 +128,8 @@ def _canonical_inputs(x1, x2):
   return x1, x2
 
 
-def input_kernel(x1, x2=None, diagonal_spatial: bool = False) -> Kernel:
+def input_kernel(x1, x2=None, diagonal_spatial: bool = False,
+                 sample_ids=None, pattern=(None, None)) -> Kernel:
   """The Kernel of the raw inputs (DESIGN.md section 2).
 
   Inputs are (N, S_1, ..., S_s, C): the channel axis is last, s >= 0 spatial
@@ -140,6 +141,9 @@ def input_kernel(x1, x2=None, diagonal_spatial: bool = False) -> Kernel:
   Args:
     x1, x2: input batches (x2 None: x2 = x1).
     diagonal_spatial: keep only same-position covariances.
+    sample_ids: None, or `(ids1, ids2)` when x1 and x2 are blocks of one
+      batch (`Kernel.same_sample`).
+    pattern: `(pattern1, pattern2)` for `Aggregate` layers (None: none).
 
   Returns:
     The input `Kernel`.
@@ -168,11 +172,40 @@ def input_kernel(x1, x2=None, diagonal_spatial: bool = False) -> Kernel:
   source = features.new_source(nngp, jnp.zeros_like(nngp), cov1, cov2,
                                mean1=mean1, mean2=mean2, is_input=True,
                                spatial=spatial)
+  ids1, ids2 = (None, None) if sample_ids is None else sample_ids
+  pattern1, pattern2 = pattern
   like = Kernel(nngp, nngp, cov1, cov2, x1_is_x2=x2 is None, is_input=True,
                 shape1=tuple(x1.shape), shape2=tuple(second.shape),
-                spatial=spatial)
+                spatial=spatial, sample_ids1=ids1, sample_ids2=ids2,
+                pattern1=pattern1, pattern2=pattern2)
   return features.kernel_from_terms(
       [features.term_of(source, features.Linear(1.))], like, is_input=True)
+
+
+def _canonical_pattern(pattern, x1, x2) -> tuple:
+  """`(pattern1, pattern2)` from the `pattern` keyword (None, one array for
+  x2 = None, or a pair); batch sizes checked against the inputs."""
+  if pattern is None:
+    return None, None
+  if isinstance(pattern, (tuple, list)):
+    if len(pattern) != 2:
+      raise ValueError('kernel_fn: pattern must be one array or a pair '
+                       '(pattern1, pattern2).')
+    pattern1, pattern2 = pattern
+  else:
+    pattern1, pattern2 = pattern, None
+  if pattern2 is None and x2 is None:
+    pattern2 = pattern1
+  elif (pattern1 is None) != (pattern2 is None):
+    raise ValueError('kernel_fn: x2 is given, so pass pattern=(pattern1, '
+                     'pattern2) with one pattern for each batch.')
+  second = x1 if x2 is None else x2
+  for name, p, x in (('pattern1', pattern1, x1), ('pattern2', pattern2, second)):
+    if p is not None and (not hasattr(p, 'shape') or p.shape[:1] != x.shape[:1]):
+      raise ValueError(f'kernel_fn: {name} must be an array with one entry '
+                       f'per sample ({x.shape[0]}), got '
+                       f'{getattr(p, "shape", type(p))}.')
+  return pattern1, pattern2
 
 
 # ----------------------------------------------------------------------------
@@ -212,8 +245,9 @@ def _computed_together(tree):
          if not is_concrete(leaf) and leaf.ndim >= 2]
   if len(big) < 2:
     return tree
-  shape = leaves[big[0]].shape
-  big = [i for i in big if leaves[i].shape == shape]
+  shape, dtype = leaves[big[0]].shape, leaves[big[0]].dtype
+  big = [i for i in big if leaves[i].shape == shape
+         and leaves[i].dtype == dtype]
   unique = {id(leaves[i]): leaves[i] for i in big}
   stacked = jax.lax.optimization_barrier(jnp.stack(list(unique.values())))
   position = {key: n for n, key in enumerate(unique)}
@@ -314,30 +348,38 @@ class KernelFn:
     self.input_diagonal = input_diagonal
 
   def __call__(self, x1, x2=None, get: Get = None,
-               diagonal_spatial: Optional[bool] = None, **kwargs):
+               diagonal_spatial: Optional[bool] = None, pattern=None,
+               **kwargs):
     if kwargs:
       raise TypeError(f'{self.name}.kernel_fn got unexpected keyword arguments '
                       f'{sorted(kwargs)}.')
     get = canonical_get(get)
     if isinstance(x1, Kernel):
-      if x2 is not None:
-        raise ValueError('kernel_fn: pass x2=None when x1 is a Kernel.')
+      if x2 is not None or pattern is not None:
+        raise ValueError('kernel_fn: pass x2=None and no pattern when x1 is a '
+                         'Kernel (the Kernel carries its own).')
       return select(self.kernel_map(x1), get)
     x1, x2 = _canonical_inputs(x1, x2)
+    pattern = _canonical_pattern(pattern, x1, x2)
     diagonal = self.input_diagonal(bool(diagonal_spatial))
     if get is not None and _pair_blocks(x1, x2, diagonal) is not None:
-      return self._by_blocks(x1, x2, get, diagonal, bool(diagonal_spatial))
-    return select(self._outputs(x1, x2, diagonal, bool(diagonal_spatial)), get)
+      return self._by_blocks(x1, x2, get, diagonal, bool(diagonal_spatial),
+                             pattern)
+    return select(self._outputs(x1, x2, diagonal, bool(diagonal_spatial),
+                                pattern=pattern), get)
 
-  def _outputs(self, x1, x2, diagonal: bool, diagonal_output: bool) -> Kernel:
+  def _outputs(self, x1, x2, diagonal: bool, diagonal_output: bool,
+               sample_ids=None, pattern=(None, None)) -> Kernel:
     """The kernel map on the inputs' Kernel, pixel-diagonal at the output if
     asked (a pooling layer may have needed all pairs of positions before)."""
-    kernel = self.kernel_map(input_kernel(x1, x2, diagonal))
+    kernel = self.kernel_map(input_kernel(x1, x2, diagonal, sample_ids,
+                                          pattern))
     if diagonal_output and isinstance(kernel, Kernel) and kernel.spatial.full:
       kernel = features.same_positions(kernel)
     return kernel
 
-  def _by_blocks(self, x1, x2, get, diagonal: bool, diagonal_output: bool):
+  def _by_blocks(self, x1, x2, get, diagonal: bool, diagonal_output: bool,
+                 pattern=(None, None)):
     """The kernels computed over blocks of pairs in `lax.map` loops.
 
     For spatial inputs every layer makes several passes over arrays of
@@ -349,7 +391,10 @@ class KernelFn:
     inner loop, which XLA hoists out of it; the x1 block's own variances are
     recomputed per block, b1 P^2 entries against b1 b2 P^2 pair entries.
     Each pair's kernel depends only on the pair, so the blocks are exact;
-    padding rows (repeats of the last one) are dropped.
+    padding rows (repeats of the last one) are dropped. For x2 = None the
+    blocks carry their rows' sample ids, so layers that correlate a sample
+    only with itself (Dropout) still see which pairs are the same sample;
+    per-sample `pattern`s are cut into blocks with their inputs.
     """
     names = (get,) if isinstance(get, str) else tuple(get)
     x2_given = x2
@@ -363,23 +408,34 @@ class KernelFn:
       x = jnp.concatenate([x, jnp.repeat(x[-1:], missing, 0)]) if missing else x
       return x.reshape((count, size) + x.shape[1:])
 
-    rows, cols = blocks(x1, r1, b1), blocks(x2, r2, b2)
+    maybe_blocks = lambda a, count, size: (
+        None if a is None else blocks(a, count, size))
+    ids = jnp.arange(n1) if x2_given is None else None
+    rows = (blocks(x1, r1, b1), maybe_blocks(ids, r1, b1),
+            maybe_blocks(pattern[0], r1, b1))
+    cols = (blocks(x2, r2, b2), maybe_blocks(ids, r2, b2),
+            maybe_blocks(pattern[1], r2, b2))
     wanted = tuple(sorted(set(names) | {'nngp'}, key=KERNEL_FIELDS.index))
 
     def public(kernel, name):
       return kernel.spatial.public(getattr(kernel, name),
                                    2 if name in ('nngp', 'ntk') else 1)
 
+    def block_kernel(row, col):
+      (x_row, ids_row, pattern_row), (x_col, ids_col, pattern_col) = row, col
+      sample_ids = None if ids_row is None else (ids_row, ids_col)
+      return self._outputs(x_row, x_col, diagonal, diagonal_output,
+                           sample_ids, (pattern_row, pattern_col))
+
     def column(col):
-      def row(x_row):
-        kernel = self._outputs(x_row, col, diagonal, diagonal_output)
+      def row(row_block):
+        kernel = block_kernel(row_block, col)
         return tuple(public(kernel, name) for name in wanted)
       return jax.lax.map(row, rows)
 
     out = dict(zip(wanted, jax.lax.map(column, cols)))
-    spatial = jax.eval_shape(
-        lambda a, c: self._outputs(a, c, diagonal, diagonal_output),
-        rows[0], cols[0]).spatial
+    first = lambda blocks_: jax.tree.map(lambda a: a[0], blocks_)
+    spatial = jax.eval_shape(block_kernel, first(rows), first(cols)).spatial
     result = {}
     for name in names:
       a = out[name]          # (r2, r1, block's public layout...)
