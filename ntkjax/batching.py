@@ -110,13 +110,15 @@ def batch(kernel_fn: Callable, batch_size: int = 0, device_count: int = -1,
       size = batch_size
       rows, cols = _blocks(n1, size), _blocks(n2, size)
       pair_names = [n for n in names if n in ('nngp', 'ntk')]
+      pattern1, pattern2 = _patterns(pattern, symmetric)
       if symmetric:
         # Blocks below the diagonal are the transposes of those above; the
         # layout (which axes pair up) is static metadata of the Kernel.
+        first = {} if pattern1 is None else {
+            'pattern': (pattern1[:size], pattern2[:size])}
         spatial = jax.eval_shape(
-            functools.partial(kernel_fn, get=None, **kwargs),
+            functools.partial(kernel_fn, get=None, **kwargs, **first),
             x1[:size], x2[:size]).spatial
-      pattern1, pattern2 = _patterns(pattern, symmetric)
       cut = lambda p, start, stop: (None if p is None
                                     else _padded(p, start, stop, size))
       results = {}

@@ -243,6 +243,10 @@ class Kernel:
     pattern1, pattern2: the `pattern` keyword of `kernel_fn` for x1 and x2
       (graph adjacency, for `Aggregate`), batch-first as given; None if not
       given.
+    mask1, mask2: boolean `(N1, S...)`, `(N2, S...)` (batch first, one entry
+      per position; `(N,)` for features without spatial axes): True where a
+      position is masked (`kernel_fn(..., mask_constant=c)`); None without
+      masking. Layers that mix positions exclude masked ones.
   """
   nngp: Array
   ntk: Array
@@ -253,6 +257,8 @@ class Kernel:
   sample_ids2: Optional[Array] = None
   pattern1: Optional[Array] = None
   pattern2: Optional[Array] = None
+  mask1: Optional[Array] = None
+  mask2: Optional[Array] = None
   x1_is_x2: bool = False
   is_gaussian: bool = False
   is_input: bool = False
@@ -288,7 +294,7 @@ class Kernel:
 jax.tree_util.register_dataclass(
     Kernel,
     data_fields=['nngp', 'ntk', 'cov1', 'cov2', 'terms', 'sample_ids1',
-                 'sample_ids2', 'pattern1', 'pattern2'],
+                 'sample_ids2', 'pattern1', 'pattern2', 'mask1', 'mask2'],
     meta_fields=['x1_is_x2', 'is_gaussian', 'is_input', 'shape1', 'shape2',
                  'spatial'])
 

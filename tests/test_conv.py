@@ -856,9 +856,12 @@ def test_gradients_match_finite_differences():
        - value(w, b, x1 - h * direction, x2)) / (2 * h), rtol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'XLA CPU (jax/jaxlib 0.10.2) miscompiles this float64 program: the '
-    'jaxpr evaluated op by op is right, jit is 7% off; '
+# Not strict: whether XLA's fusion passes produce the miscompiled program
+# depends on the exact HLO, which unrelated library changes alter (adding the
+# masking plumbing made it pass again); the test reports XFAIL or XPASS.
+@pytest.mark.xfail(strict=False, reason=(
+    'XLA CPU (jax/jaxlib 0.10.2) miscompiled this float64 program: the '
+    'jaxpr evaluated op by op is right, jit was 7% off; '
     'XLA_FLAGS=--xla_disable_hlo_passes=fusion (or algsimp) fixes it'))
 def test_jit_with_traced_bias_std_equals_constant_bias_std():
   """kernel_fn under jit with b_std a traced argument (as when

@@ -4,8 +4,9 @@ Every constructor returns a `Layer` `(init_fn, apply_fn, kernel_fn)`; names
 and keyword arguments follow neural-tangents' `stax`.
 """
 
-from ntkjax.stax.conv import Conv
+from ntkjax.stax.conv import Conv, ConvLocal, ConvTranspose
 from ntkjax.stax.dropout import Dropout
+from ntkjax.stax.graph import Aggregate
 from ntkjax.stax.normalization import LayerNorm
 from ntkjax.stax.pooling import (AvgPool, Flatten, GlobalAvgPool,
                                  GlobalSumPool, SumPool)
@@ -23,7 +24,7 @@ from ntkjax.stax.layer import KernelFn, Layer
 from ntkjax.stax.linear import Dense, Identity
 
 __all__ = [
-    'ABRelu', 'Abs', 'AvgPool', 'Conv', 'Cos', 'Dense', 'Dropout', 'Flatten',
+    'ABRelu', 'Aggregate', 'Abs', 'AvgPool', 'Conv', 'ConvLocal', 'ConvTranspose', 'Cos', 'Dense', 'Dropout', 'Flatten',
     'GlobalAvgPool', 'GlobalSumPool', 'LayerNorm', 'SumPool', 'Elementwise', 'ElementwiseNumerical',
     'Elu', 'Erf', 'Exp', 'FanInConcat', 'FanInProd', 'FanInSum', 'FanOut',
     'Gaussian', 'Gelu', 'Hermite', 'Identity', 'KernelError', 'KernelFn',

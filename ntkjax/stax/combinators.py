@@ -15,7 +15,8 @@ from ntkjax.kernel import Kernel
 from ntkjax.stax import features
 from ntkjax.stax.features import KernelError
 from ntkjax.stax.layer import (Layer, branch_kernels, input_diagonal_of,
-                               kernel_map_of, layer, same_shapes)
+                               kernel_map_of, layer, mask_fn_of, mask_of,
+                               same_shapes, zero_masked_outputs)
 
 
 def _layer_name(a_layer) -> str:
@@ -42,13 +43,31 @@ def serial(*layers: Layer) -> Layer:
       params.append(p)
     return input_shape, tuple(params)
 
-  def apply_fn(params, x, *, key=None, rng=None, **kwargs):
+  mask_fns = [mask_fn_of(l) for l in layers]
+
+  def apply_fn(params, x, *, key=None, rng=None, mask_constant=None,
+               mask=None, **kwargs):
+    """Args beyond the layers': key/rng (split per layer), mask_constant
+    (inputs equal to it are masked; masked outputs come back as zeros) and
+    mask (per-position masks, from an enclosing combinator)."""
     key = rng if key is None else key  # `rng`: neural-tangents' name
     keys = ([None] * len(layers) if key is None
             else list(jax.random.split(key, max(len(layers), 1))))
-    for a_layer, p, layer_key in zip(layers, params, keys):
-      x = a_layer[1](p, x, key=layer_key, **kwargs)
-    return x
+    outermost = mask_constant is not None
+    if outermost:
+      x, mask = mask_of(x, mask_constant)
+    for a_layer, mask_fn, p, layer_key in zip(layers, mask_fns, params, keys):
+      if mask is None:
+        x = a_layer[1](p, x, key=layer_key, **kwargs)
+      else:
+        x = a_layer[1](p, x, key=layer_key, mask=mask, **kwargs)
+        mask = mask_fn(mask)
+    return zero_masked_outputs(x, mask) if outermost else x
+
+  def mask_fn(mask):
+    for one in mask_fns:
+      mask = one(mask)
+    return mask
 
   def kernel_map(k):
     for position, (kernel_map_i, layer_name) in enumerate(zip(maps, names)):
@@ -66,7 +85,11 @@ def serial(*layers: Layer) -> Layer:
       output_diagonal = requirement(output_diagonal)
     return output_diagonal
 
-  return layer(name, init_fn, apply_fn, kernel_map, input_diagonal)
+  # The layers' own kernel maps set the masks; mask_fn is for enclosing
+  # combinators' finite networks.
+  kernel_fn = layer(name, init_fn, apply_fn, kernel_map, input_diagonal)[2]
+  kernel_fn.mask_fn = mask_fn
+  return Layer(init_fn, apply_fn, kernel_fn)
 
 
 def parallel(*layers: Layer) -> Layer:
@@ -93,13 +116,21 @@ def parallel(*layers: Layer) -> Layer:
     outs = [l[0](k, s) for l, k, s in zip(layers, keys, input_shapes)]
     return [o[0] for o in outs], tuple(o[1] for o in outs)
 
-  def apply_fn(params, xs, *, key=None, rng=None, **kwargs):
+  mask_fns = [mask_fn_of(l) for l in layers]
+
+  def apply_fn(params, xs, *, key=None, rng=None, mask=None, **kwargs):
     key = rng if key is None else key  # `rng`: neural-tangents' name
     check(xs, 'inputs')
     keys = ([None] * len(layers) if key is None
             else list(jax.random.split(key, len(layers))))
-    return [l[1](p, x, key=k, **kwargs)
-            for l, p, x, k in zip(layers, params, xs, keys)]
+    if mask is None:
+      return [l[1](p, x, key=k, **kwargs)
+              for l, p, x, k in zip(layers, params, xs, keys)]
+    return [l[1](p, x, key=k, mask=m, **kwargs)
+            for l, p, x, k, m in zip(layers, params, xs, keys, mask)]
+
+  def mask_fn(masks):
+    return [f(m) for f, m in zip(mask_fns, masks)]
 
   def kernel_map(ks):
     ks = branch_kernels(ks, name)
@@ -114,7 +145,9 @@ def parallel(*layers: Layer) -> Layer:
     # One layout for all branches: diagonal only if every branch allows it.
     return all(r(output_diagonal) for r in requirements)
 
-  return layer(name, init_fn, apply_fn, kernel_map, input_diagonal)
+  kernel_fn = layer(name, init_fn, apply_fn, kernel_map, input_diagonal)[2]
+  kernel_fn.mask_fn = mask_fn
+  return Layer(init_fn, apply_fn, kernel_fn)
 
 
 def repeat(a_layer: Layer, n: int) -> Layer:
@@ -167,8 +200,11 @@ def repeat(a_layer: Layer, n: int) -> Layer:
         length=n - 1)
     return features.gaussian_kernel(*arrays, first)
 
-  return layer(f'repeat({_layer_name(a_layer)}, {n})', init_fn,
-               chain.apply_fn, kernel_map, chain.kernel_fn.input_diagonal)
+  kernel_fn = layer(f'repeat({_layer_name(a_layer)}, {n})', init_fn,
+                    chain.apply_fn, kernel_map,
+                    chain.kernel_fn.input_diagonal)[2]
+  kernel_fn.mask_fn = chain.kernel_fn.mask_fn
+  return Layer(init_fn, chain.apply_fn, kernel_fn)
 
 
 def _is_fresh_gaussian(k) -> bool:
@@ -186,7 +222,16 @@ def FanOut(num: int) -> Layer:
   return layer(f'FanOut({num})',
                lambda key, shape: ([shape] * num, ()),
                lambda params, x, **kwargs: [x] * num,
-               lambda k: (k,) * num)
+               lambda k: (k,) * num, mask_fn=lambda mask: [mask] * num)
+
+
+def _common_mask(masks):
+  """Merging branches: a position stays masked only if it is masked in
+  every branch (features of any branch there are kept)."""
+  out = masks[0]
+  for m in masks[1:]:
+    out = out & m
+  return out
 
 
 def _check_same_input_shapes(shapes, name):
@@ -209,7 +254,7 @@ def FanInSum() -> Layer:
     return features.fan_in_sum(ks)
 
   return layer(name, init_fn, lambda params, xs, **kwargs: sum(xs[1:], xs[0]),
-               kernel_map)
+               kernel_map, mask_fn=_common_mask)
 
 
 def FanInProd() -> Layer:
@@ -231,7 +276,7 @@ def FanInProd() -> Layer:
     same_shapes(ks, name)
     return features.fan_in_prod(ks)
 
-  return layer(name, init_fn, apply_fn, kernel_map)
+  return layer(name, init_fn, apply_fn, kernel_map, mask_fn=_common_mask)
 
 
 def FanInConcat(axis: int = -1) -> Layer:
@@ -264,4 +309,4 @@ def FanInConcat(axis: int = -1) -> Layer:
     return out.replace(shape1=ks[0].shape1[:-1] + (total,),
                        shape2=ks[0].shape2[:-1] + (total,))
 
-  return layer(name, init_fn, apply_fn, kernel_map)
+  return layer(name, init_fn, apply_fn, kernel_map, mask_fn=_common_mask)

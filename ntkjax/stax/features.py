@@ -29,6 +29,7 @@ integral) raise a `KernelError` that names the layer and says what to write.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional, Sequence
 
 import jax.numpy as jnp
@@ -285,39 +286,85 @@ def collapse(kernel: Kernel) -> Term:
 
 def linear_map_kernel(k: Kernel, nngp, ntk, cov1, cov2, map_means,
                       spatial: Spatial, shape1: tuple, shape2: tuple,
-                      keeps_gaussian: bool = True) -> Kernel:
+                      keeps_gaussian: bool = True,
+                      zero_masked_means: bool = False) -> Kernel:
   """The Kernel of a parameter-free linear map (pooling, Flatten, taking
   the same-position entries) of `k`'s features.
 
   Args:
     k: the input kernel.
     nngp, ntk, cov1, cov2: the mapped moments.
-    map_means: the same linear map on per-position channel means (N, S...).
+    map_means: the same linear map on per-position channel means (S..., N),
+      or a pair of maps for x1's and x2's means.
     spatial, shape1, shape2: the output layout and shapes.
     keeps_gaussian: whether the map takes a Gaussian field to one whose
       channels are identically distributed Gaussians (pooling), rather than
       to a mixture over positions (Flatten).
+    zero_masked_means: zero the means of masked positions before the map
+      (for maps that mix positions, whose masked inputs are zeros).
 
   Returns:
     The output Kernel: the raw inputs stay inputs, a Gaussian field stays
     Gaussian (same components: same random weights), anything else becomes
     one opaque term (no nonlinearity may follow directly).
   """
+  map1, map2 = (map_means if isinstance(map_means, tuple)
+                else (map_means, map_means))
   whole = collapse(k)
+  if zero_masked_means and k.mask1 is not None:
+    mean1, mean2 = masked_means(k, (whole.mean1, whole.mean2))
+    whole = dataclasses.replace(whole, mean1=mean1, mean2=mean2)
   if k.is_input or (k.is_gaussian and keeps_gaussian):
     means = {}
     if k.is_input:
-      means = dict(mean1=map_means(whole.mean1), mean2=map_means(whole.mean2))
+      means = dict(mean1=map1(whole.mean1), mean2=map2(whole.mean2))
     source = new_source(nngp, ntk, cov1, cov2,
                                  components=whole.components,
                                  is_input=k.is_input, spatial=spatial, **means)
     term = term_of(source, Linear(1.))
   else:
-    term = Term(nngp, ntk, cov1, cov2, map_means(whole.mean1),
-                map_means(whole.mean2), components=whole.components,
+    term = Term(nngp, ntk, cov1, cov2, map1(whole.mean1),
+                map2(whole.mean2), components=whole.components,
                 spatial=spatial)
   return kernel_from_terms([term], k, spatial=spatial, shape1=shape1,
                                     shape2=shape2, is_input=k.is_input)
+
+
+def kept(mask, dtype):
+  """A mask (N, S...) (True = masked) as a 0/1 factor positions first,
+  (S..., N): the layout of per-position kernel arrays."""
+  return jnp.moveaxis(~mask, 0, -1).astype(dtype)
+
+
+def masked_arrays(k: Kernel):
+  """`k`'s (nngp, ntk, cov1, cov2) with every covariance that involves a
+  masked position set to 0: the moments of the features after masked
+  positions are zeroed (what a layer that mixes positions sees)."""
+  if k.mask1 is None:
+    return k.nngp, k.ntk, k.cov1, k.cov2
+  spatial, dtype = k.spatial, k.nngp.dtype
+  keep1, keep2 = kept(k.mask1, dtype), kept(k.mask2, dtype)
+  if not spatial.ndim:
+    pair, own1, own2 = keep1[:, None] * keep2[None, :], keep1, keep2
+  else:
+    pair = spatial.outer(keep1, keep2)
+    own1, own2 = spatial.self_outer(keep1), spatial.self_outer(keep2)
+  return k.nngp * pair, k.ntk * pair, k.cov1 * own1, k.cov2 * own2
+
+
+def masked_means(k: Kernel, means):
+  """Per-position channel means (S..., N) with masked positions zeroed."""
+  m1, m2 = means
+  if k.mask1 is None:
+    return m1, m2
+  return m1 * kept(k.mask1, m1.dtype), m2 * kept(k.mask2, m2.dtype)
+
+
+def zero_masked(k: Kernel) -> Kernel:
+  """`k` with the covariances of masked positions zeroed (network outputs:
+  neural-tangents zeroes masked outputs too)."""
+  nngp, ntk, cov1, cov2 = masked_arrays(k)
+  return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2)
 
 
 def same_positions(kernel: Kernel) -> Kernel:

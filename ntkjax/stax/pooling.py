@@ -36,9 +36,10 @@ import jax.numpy as jnp
 from ntkjax.kernel import Kernel, Spatial
 from ntkjax.stax import features
 from ntkjax.stax.conv import (box_window_sum, check_padding, spatial_axes,
-                              window_geometry)
+                              window_center_mask, window_geometry)
 from ntkjax.stax.features import KernelError
-from ntkjax.stax.layer import Layer, layer, single_kernel
+from ntkjax.stax.layer import (Layer, layer, single_kernel,
+                               zero_masked_outputs)
 
 
 def _needs_full(output_diagonal: bool) -> bool:
@@ -111,9 +112,9 @@ def _pool(window_shape, strides, padding, normalize_edges, average: bool,
     return box_window_sum(ones, 0, sizes[d], window_shape[d], strides[d],
                           pads[d], False)
 
-  def apply_fn(params, x, **kwargs):
+  def apply_fn(params, x, mask=None, **kwargs):
     sizes, pads = geometry(x.shape)
-    out = x
+    out = zero_masked_outputs(x, mask)
     for d in range(ndim):
       axis = 1 + d
       total = box_window_sum(out, axis, sizes[d], window_shape[d], strides[d],
@@ -161,11 +162,15 @@ def _pool(window_shape, strides, padding, normalize_edges, average: bool,
 
     shape1 = (k.shape1[0],) + sizes + (k.shape1[-1],)
     shape2 = (k.shape2[0],) + sizes + (k.shape2[-1],)
+    nngp, ntk, cov1, cov2 = features.masked_arrays(k)  # masked: zeros
     return features.linear_map_kernel(
-        k, pool(k.nngp), pool(k.ntk), pool(k.cov1), pool(k.cov2), pool_means,
-        k.spatial, shape1, shape2)
+        k, pool(nngp), pool(ntk), pool(cov1), pool(cov2), pool_means,
+        k.spatial, shape1, shape2, zero_masked_means=True)
 
-  return layer(name, init_fn, apply_fn, kernel_map, _needs_full)
+  return layer(name, init_fn, apply_fn, kernel_map, _needs_full,
+               mask_fn=lambda mask: window_center_mask(
+                   mask, window_shape, strides, padding, name))
+
 
 
 def AvgPool(window_shape: Sequence[int], strides: Optional[Sequence[int]] = None,
@@ -205,30 +210,56 @@ def _global(average: bool, name: str) -> Layer:
                        f'spatial..., channels); got shape {tuple(input_shape)}.')
     return (input_shape[0], input_shape[-1]), ()
 
-  def apply_fn(params, x, **kwargs):
+  def apply_fn(params, x, mask=None, **kwargs):
     axes = tuple(range(1, x.ndim - 1))
-    return jnp.mean(x, axes) if average else jnp.sum(x, axes)
+    if mask is None:
+      return jnp.mean(x, axes) if average else jnp.sum(x, axes)
+    total = jnp.sum(zero_masked_outputs(x, mask), axes)
+    # Averages over the unmasked positions (a fully masked sample gives 0).
+    return total / _unmasked_counts(mask)[:, None] if average else total
 
   def kernel_map(k):
     k = single_kernel(k, name)
     _require_full(k, name)
-    positions = math.prod(k.shape1[1:-1])
-    positions2 = math.prod(k.shape2[1:-1])
     # Sums over all (pairs of) positions, the leading axes; averages divide
-    # by P1 P2 (P^2 for an input with itself, P for means).
-    def reduce(a, batch_axes, scale):
-      return jnp.sum(a, tuple(range(a.ndim - batch_axes))) * scale
-    pair = 1. / (positions * positions2) if average else 1.
-    own1 = 1. / positions**2 if average else 1.
-    own2 = 1. / positions2**2 if average else 1.
-    mean_scale = 1. / positions if average else 1.
-    return features.linear_map_kernel(
-        k, reduce(k.nngp, 2, pair), reduce(k.ntk, 2, pair),
-        reduce(k.cov1, 1, own1), reduce(k.cov2, 1, own2),
-        lambda m: reduce(m, 1, mean_scale), Spatial(0),
-        (k.shape1[0], k.shape1[-1]), (k.shape2[0], k.shape2[-1]))
+    # by P1 P2 (P^2 for an input with itself, P for means), P the number of
+    # unmasked positions of each sample.
+    def reduce(a, batch_axes):
+      return jnp.sum(a, tuple(range(a.ndim - batch_axes)))
 
-  return layer(name, init_fn, apply_fn, kernel_map, _needs_full)
+    dtype = k.nngp.dtype
+    if k.mask1 is None:
+      count1 = jnp.full((k.shape1[0],), math.prod(k.shape1[1:-1]), dtype)
+      count2 = jnp.full((k.shape2[0],), math.prod(k.shape2[1:-1]), dtype)
+    else:
+      count1 = _unmasked_counts(k.mask1).astype(dtype)
+      count2 = _unmasked_counts(k.mask2).astype(dtype)
+    if not average:
+      count1, count2 = jnp.ones_like(count1), jnp.ones_like(count2)
+    pair = 1. / (count1[:, None] * count2[None, :])
+    nngp, ntk, cov1, cov2 = features.masked_arrays(k)
+    return features.linear_map_kernel(
+        k, reduce(nngp, 2) * pair, reduce(ntk, 2) * pair,
+        reduce(cov1, 1) / count1**2, reduce(cov2, 1) / count2**2,
+        (lambda m: reduce(m, 1) / count1, lambda m: reduce(m, 1) / count2),
+        Spatial(0), (k.shape1[0], k.shape1[-1]), (k.shape2[0], k.shape2[-1]),
+        zero_masked_means=True)
+
+  return layer(name, init_fn, apply_fn, kernel_map, _needs_full,
+               mask_fn=_all_positions_masked)
+
+
+def _unmasked_counts(mask):
+  """Unmasked positions per sample (at least 1, so a fully masked sample's
+  average is 0, not NaN)."""
+  counts = jnp.sum(~mask, tuple(range(1, mask.ndim)))
+  return jnp.maximum(counts, 1)
+
+
+def _all_positions_masked(mask):
+  """A sample is masked once all of its positions are (global pooling,
+  Flatten)."""
+  return jnp.all(mask, tuple(range(1, mask.ndim)))
 
 
 def GlobalAvgPool(batch_axis: int = 0, channel_axis: int = -1) -> Layer:
@@ -252,8 +283,8 @@ def Flatten(batch_axis: int = 0, batch_axis_out: int = 0) -> Layer:
   def init_fn(key, input_shape):
     return (input_shape[0], math.prod(input_shape[1:])), ()
 
-  def apply_fn(params, x, **kwargs):
-    return x.reshape(x.shape[0], -1)
+  def apply_fn(params, x, mask=None, **kwargs):
+    return zero_masked_outputs(x, mask).reshape(x.shape[0], -1)
 
   def kernel_map(k):
     k = single_kernel(k, name)
@@ -267,9 +298,12 @@ def Flatten(batch_axis: int = 0, batch_axis_out: int = 0) -> Layer:
 
     shape1 = (k.shape1[0], math.prod(k.shape1[1:]))
     shape2 = (k.shape2[0], math.prod(k.shape2[1:]))
+    # Masked positions are zeros among the P positions (neural-tangents).
+    nngp, ntk, cov1, cov2 = features.masked_arrays(k)
     return features.linear_map_kernel(
-        k, mean(k.nngp, 2), mean(k.ntk, 2), mean(k.cov1, 1), mean(k.cov2, 1),
+        k, mean(nngp, 2), mean(ntk, 2), mean(cov1, 1), mean(cov2, 1),
         lambda m: jnp.mean(m, tuple(range(m.ndim - 1))), Spatial(0),
-        shape1, shape2, keeps_gaussian=False)
+        shape1, shape2, keeps_gaussian=False, zero_masked_means=True)
 
-  return layer(name, init_fn, apply_fn, kernel_map, _any_layout)
+  return layer(name, init_fn, apply_fn, kernel_map, _any_layout,
+               mask_fn=_all_positions_masked)
