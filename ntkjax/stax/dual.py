@@ -297,16 +297,30 @@ def ab_relu(a: float, b: float) -> Activation:
   """
   # Terms with a zero coefficient (a = 0: ReLU) are left out in Python: XLA
   # keeps x * 0. (it is NaN for x = inf), an extra pass in large kernels.
+  def plus_linear(arc, linear):
+    """arc + a b linear, arc (>= 0 exactly) clamped at 0 by a select.
+
+    Why a select last: XLA CPU's YNN fusion takes the arithmetic ops (mul,
+    add, sub, max) that feed a reduction (global pooling) but not selects;
+    a formula ending in arithmetic was split into ~4 loop fusions (at each
+    select inside) whose outputs, plus broadcast constants, the YNN fusion
+    then read back from memory. Ending in a select keeps each formula one
+    loop fusion (benchmark CNN, 3 layers: 1.3x). NaN stays NaN.
+    """
+    if _is_zero(a * b):
+      return jnp.where(arc < 0, 0., arc)
+    linear = a * b * linear
+    return jnp.where(arc < 0, linear, arc + linear)
+
   def nngp(k12, k11, k22):
     rho, s1, s2, theta, sin_theta = _correlation(k12, k11, k22)
     arc = s1 * s2 * (sin_theta + (jnp.pi - theta) * rho) * (
         (a - b)**2 / (2 * jnp.pi))
-    return arc if _is_zero(a * b) else arc + a * b * k12
+    return plus_linear(arc, k12)
 
   def ntk_factor(k12, k11, k22):
     _, _, _, theta, _ = _correlation(k12, k11, k22)
-    factor = (jnp.pi - theta) * ((a - b)**2 / (2 * jnp.pi))
-    return factor if _is_zero(a * b) else factor + a * b
+    return plus_linear((jnp.pi - theta) * ((a - b)**2 / (2 * jnp.pi)), 1.)
 
   def mean(k):
     return (b - a) * safe_sqrt(k / (2 * jnp.pi))
