@@ -632,20 +632,6 @@ def test_local_parameters_for_another_input_size():
     layer.apply_fn(params, jnp.ones((2, 5, 3, 2)))
 
 
-@pytest.mark.parametrize('layer_type', [ConvTranspose, ConvLocal])
-def test_masked_inputs_are_refused(layer_type):
-  """Masks (mask_constant) are not implemented for these layers: a clear
-  error from kernel_fn and apply_fn, not a mask passed through unchanged."""
-  net = stax.serial(layer_type(3, (2,), padding='SAME'))
-  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 2)))
-  x = x.at[0, 3:].set(-7.)
-  with pytest.raises(ntkjax.KernelError, match='mask'):
-    net.kernel_fn(x, None, 'nngp', mask_constant=-7.)
-  _, params = net.init_fn(jax.random.PRNGKey(0), x.shape)
-  with pytest.raises(ntkjax.KernelError, match='mask'):
-    net.apply_fn(params, x, mask_constant=-7.)
-
-
 def test_local_valid_window_larger_than_input():
   with pytest.raises(ntkjax.KernelError, match='VALID'):
     ConvLocal(4, (5, 2)).kernel_fn(jnp.ones((2, 4, 3, 2)))

@@ -211,3 +211,33 @@ def test_masked_vertices_equal_deleted_vertices():
                        pattern=jnp.asarray(pattern)),
       network.apply_fn(params, jnp.asarray(x[:, :-1]),
                        pattern=jnp.asarray(pattern[:, :-1, :-1])), rtol=1e-12)
+
+
+@pytest.mark.parametrize('first', ['transpose', 'local'])
+def test_transposed_and_local_convolutions_equal_truncation(first):
+  """ConvTranspose (VALID, stride 2): an output is masked when no unmasked
+  input reaches it, so a masked tail transposes like the truncated input;
+  ConvLocal ('SAME') reads zeros at masked positions like zero padding.
+  Kernels (ConvLocal's finite weights depend on the length, so only the
+  transposed network's outputs are compared too)."""
+  from ntkjax.stax.conv import ConvLocal, ConvTranspose
+  lengths = [4, 6, 2]
+  x, padded = _sequences(lengths, size=6, seed=8)
+  layer = (ConvTranspose(8, (3,), strides=(2,), padding='VALID', b_std=0.1)
+           if first == 'transpose' else
+           ConvLocal(8, (3,), padding='SAME', b_std=0.1))
+  network = stax.serial(layer, stax.Relu(),
+                        stax.Conv(8, (3,), padding='SAME', b_std=0.1),
+                        stax.Relu(), stax.GlobalAvgPool(), stax.Dense(1))
+  kernel = network.kernel_fn(padded, None, 'ntk', mask_constant=PAD)
+  if first == 'transpose':
+    _, params = network.init_fn(jax.random.PRNGKey(0), padded.shape)
+    outputs = network.apply_fn(params, padded, mask_constant=PAD)
+  for i, li in enumerate(lengths):
+    own = network.kernel_fn(jnp.asarray(x[i:i + 1, :li]), None, 'ntk')
+    np.testing.assert_allclose(kernel[i, i], own[0, 0], rtol=1e-12)
+    if first == 'transpose':
+      np.testing.assert_allclose(
+          outputs[i],
+          network.apply_fn(params, jnp.asarray(x[i:i + 1, :li]))[0],
+          rtol=1e-12)
