@@ -163,3 +163,26 @@ def test_bad_inputs():
     spectrum.depth_sweep(_sphere_inputs(), 0, activation=ERF)
   with pytest.raises(ValueError, match='get'):
     spectrum.spectrum(ERF.kernel_fn, _sphere_inputs(), 'cov1')
+
+
+def test_chaotic_phase_kernel_matches_independent_recursion_at_depth_60():
+  """Erf, W^2 = 9, b^2 = 0.25 (chi1 ~ 2.1): the 2-d formula's fixed point
+  at correlation 1 is unstable, so without care the diagonal of the NNGP
+  drifts from the variance by rounding x chi1^L (O(1) by L ~ 50). Compare
+  with a NumPy recursion of the arcsine kernel (Williams 1997),
+  K' = W^2 (2/pi) arcsin(2 K12 / sqrt((1 + 2 K11)(1 + 2 K22))) + b^2, whose
+  diagonal uses the 1-d map K11' = W^2 (2/pi) arcsin(2 K11 / (1 + 2 K11))
+  + b^2."""
+  depth, w2, b2 = 60, 9., 0.25
+  x = np.random.default_rng(1).standard_normal((6, 7))
+  x /= np.linalg.norm(x, axis=1, keepdims=True) / np.sqrt(7)
+  k = w2 * x @ x.T / x.shape[1] + b2
+  for _ in range(depth):
+    q = np.diag(k)
+    off = np.arcsin(2 * k / np.sqrt(np.outer(1 + 2 * q, 1 + 2 * q)))
+    k = w2 * (2 / np.pi) * off + b2
+    np.fill_diagonal(k, w2 * (2 / np.pi) * np.arcsin(2 * q / (1 + 2 * q)) + b2)
+  network = stax.serial(*[stax.Dense(1, 3., 0.5), stax.Erf()] * depth,
+                        stax.Dense(1, 3., 0.5))
+  nngp = network.kernel_fn(x, None, "nngp")
+  np.testing.assert_allclose(nngp, k, rtol=1e-9)

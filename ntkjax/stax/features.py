@@ -271,6 +271,13 @@ def kernel_from_terms(terms: Sequence[Term], like: Kernel, **changes) -> Kernel:
                 for t, (_, m2) in zip(terms, means))
             + spatial.self_outer(mean2))
     ntk = sum(t.ntk for t in terms)
+  same = like.same_sample()
+  if same is not None:
+    # A sample's kernel with itself is its own covariance, cov1, computed by
+    # the stable 1-d formulas; the 2-d formula at correlation 1 is an
+    # unstable fixed point in the chaotic phase (rounding grows like
+    # chi1^depth, O(1) by depth ~50 at chi1 = 2), so copy it over.
+    nngp = jnp.where(same, cov1[..., :, None], nngp)
   is_gaussian = all(_is_gaussian_term(t) for t in terms)
   return like.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, terms=terms,
                       is_gaussian=is_gaussian, **changes)
