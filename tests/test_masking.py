@@ -241,3 +241,37 @@ def test_transposed_and_local_convolutions_equal_truncation(first):
           outputs[i],
           network.apply_fn(params, jnp.asarray(x[i:i + 1, :li]))[0],
           rtol=1e-12)
+
+
+@pytest.mark.parametrize('mechanism, linear_scaling, pos_emb', [
+    ('SOFTMAX', True, 'NONE'), ('SOFTMAX', True, 'SUM'),
+    ('IDENTITY', False, 'NONE'), ('RELU', False, 'CONCAT')])
+def test_attention_over_masked_keys_equals_truncation(mechanism,
+                                                      linear_scaling, pos_emb):
+  """Masked positions are no keys (softmax renormalized over the rest,
+  elementwise mechanisms give them weight 0), so a masked tail attends like
+  the truncated sequence (positional embeddings without decay are i.i.d.
+  per position, so truncation keeps theirs)."""
+  lengths = [3, 5, 2]
+  x, padded = _sequences(lengths, size=5, seed=9)
+  network = stax.serial(
+      stax.Dense(8, b_std=0.1),
+      stax.GlobalSelfAttention(8, 4, 4, 2, linear_scaling=linear_scaling,
+                               attention_mechanism=mechanism,
+                               pos_emb_type=pos_emb,
+                               n_chan_pos_emb=3 if pos_emb == 'CONCAT' else None,
+                               b_std=0.1),
+      stax.Relu(), stax.GlobalAvgPool(), stax.Dense(1))
+  kernel = network.kernel_fn(padded, None, 'ntk', mask_constant=PAD)
+  finite = pos_emb == 'NONE'  # embeddings' parameters depend on the length
+  if finite:
+    _, params = network.init_fn(jax.random.PRNGKey(0), padded.shape)
+    outputs = network.apply_fn(params, padded, mask_constant=PAD)
+  for i, li in enumerate(lengths):
+    own = network.kernel_fn(jnp.asarray(x[i:i + 1, :li]), None, 'ntk')
+    np.testing.assert_allclose(kernel[i, i], own[0, 0], rtol=1e-7)
+    if finite:
+      np.testing.assert_allclose(
+          outputs[i],
+          network.apply_fn(params, jnp.asarray(x[i:i + 1, :li]))[0],
+          rtol=1e-10)

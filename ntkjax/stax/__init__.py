@@ -5,6 +5,7 @@ and keyword arguments follow neural-tangents' `stax`.
 """
 
 from ntkjax.stax.conv import Conv, ConvLocal, ConvTranspose
+from ntkjax.stax.attention import GlobalSelfAttention
 from ntkjax.stax.dropout import Dropout
 from ntkjax.stax.graph import Aggregate
 from ntkjax.stax.normalization import LayerNorm
@@ -25,7 +26,7 @@ from ntkjax.stax.linear import Dense, Identity
 
 __all__ = [
     'ABRelu', 'Aggregate', 'Abs', 'AvgPool', 'Conv', 'ConvLocal', 'ConvTranspose', 'Cos', 'Dense', 'Dropout', 'Flatten',
-    'GlobalAvgPool', 'GlobalSumPool', 'LayerNorm', 'SumPool', 'Elementwise', 'ElementwiseNumerical',
+    'GlobalAvgPool', 'GlobalSelfAttention', 'GlobalSumPool', 'LayerNorm', 'SumPool', 'Elementwise', 'ElementwiseNumerical',
     'Elu', 'Erf', 'Exp', 'FanInConcat', 'FanInProd', 'FanInSum', 'FanOut',
     'Gaussian', 'Gelu', 'Hermite', 'Identity', 'KernelError', 'KernelFn',
     'Layer', 'LeakyRelu', 'Monomial', 'Polynomial', 'Rbf',
