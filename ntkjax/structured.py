@@ -227,10 +227,19 @@ def slot_avals(program: Program, leaves, xs) -> dict:
     evaluate(program, leaves, xs, {}, avals_out=avals)
     return 0
   jax.eval_shape(record, leaves, xs)
-  for slot, value in zip(program.param_slots + program.input_slots,
-                         list(leaves) + list(xs)):
-    avals[slot] = jax.ShapeDtypeStruct(np.shape(value), value.dtype)
+  for slot, value in zip(program.param_slots + program.input_slots
+                         + program.const_slots,
+                         list(leaves) + list(xs) + list(program.const_values)):
+    avals[slot] = jax.ShapeDtypeStruct(np.shape(value),
+                                       jnp.result_type(value))
   return avals
+
+
+def _rank(avals: dict, operand) -> int:
+  """Number of axes of a slot or of a literal constant operand."""
+  if isinstance(operand, _Const):
+    return np.ndim(operand.value)
+  return len(avals[operand].shape)
 
 
 def evaluate(program: Program, leaves, xs, deltas: dict,
@@ -421,11 +430,11 @@ def contract(program: Program, analysis: Analysis, avals: dict, side1: _Side,
       fresh = lambda: next(letters)
       a = side.operands[k]
       if use.kind == 'dot_general':
-        v_ndim = len(avals[step.inputs[use.position]].shape)
-        a_ndim = len(avals[step.inputs[1 - use.position]].shape)
+        v_ndim = _rank(avals, step.inputs[use.position])
+        a_ndim = _rank(avals, step.inputs[1 - use.position])
         a_sub, y_sub = _dot_letters(step, use, v_ndim, a_ndim, shared, fresh)
       else:
-        a_sub, y_sub = _conv_letters(step, len(avals[step.inputs[0]].shape),
+        a_sub, y_sub = _conv_letters(step, _rank(avals, step.inputs[0]),
                                      shared, fresh)
       prefix = out[0] if batched else ''   # the example axis
       terms += [out + y_sub, prefix + a_sub, prefix]

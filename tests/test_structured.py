@@ -162,6 +162,20 @@ def test_nested_jit_is_inlined():
   _check(f, params, (1, 3), structured_leaves=[0, 1])
 
 
+def test_parameter_times_closed_over_constants():
+  """A parameter multiplied by arrays closed over by f (jaxpr constants, not
+  literals): a constant matrix (positional-embedding mixing in attention)
+  and a constant scalar array. Both structured, exact."""
+  mixing = np.array([[1., 0.5, 0.], [0.5, 1., 0.2], [0., 0.2, 1.]])
+  scale = np.array(0.7)
+
+  def f(p, x):
+    e = jnp.asarray(mixing) @ p['e']
+    return jnp.tanh(x @ (e * jnp.asarray(scale))) @ p['w']
+  params = {'e': _normal(1, (3, 4)), 'w': _normal(2, (4, 2))}
+  _check(f, params, (1, 3), structured_leaves=[0, 1])
+
+
 def test_shape_dependent_program_falls_back_to_jacobian_contraction():
   """f branches on the batch size, so x1 and x2 trace to different programs;
   the kernel is still exact."""
