@@ -19,9 +19,9 @@ with zero or circular padding of the input kernel):
 covariance; Novak et al. 2019, eq. 7; Arora et al. 2019). Same-position
 covariances map to same-position covariances, so a pixel-diagonal kernel
 stays pixel-diagonal: nngp'(o, o) = W_std^2 / F sum_a nngp(o s + a, o s + a)
-+ b_std^2. The sums are separable over spatial axes; each is `f` strided
-slices of the padded array added up, which XLA fuses into the next layer's
-elementwise kernel map.
++ b_std^2. The sums are separable over spatial axes; for a pair of position
+axes each is `f` contiguous strided slices of the padded pair flattened into
+one axis, summed in one vectorized pass (`diagonal_window_sum` says why).
 
 Standard parameterization (Sohl-Dickstein et al. 2020), as for `Dense` with
 fan-in F C: W ~ N(0, W_std^2 s0 / (F C)), z = sum W x / sqrt(s0) + b, and
@@ -182,35 +182,29 @@ def diagonal_window_sum(a, axes: Sequence[int], size: int, window: int,
   The "diagonal convolution" of a covariance along one spatial axis (its
   x1 and x2 position axes given as `axes`), after padding.
 
-  A pair of adjacent axes of (padded) length w is summed in flattened
-  coordinates, (o s + a) w + (o' s + a) = s (o w + o') + a (w + 1): after
-  merging the two axes (a free reshape) each term is one strided slice of
-  one axis, a contiguous block shifted by a (w + 1) rows, and the result,
-  read as (size, w), keeps its first `size` columns. Why: written as 2-d
-  slices of a padded array, XLA CPU fused the pad and slices into every
-  consumer (each fusion of the next activation, each pad of the next
+  A pair of adjacent axes, padded to rows of length w, is summed in
+  flattened coordinates, (o s + a) w + (o' s + a) = s (o w + o') + a (w + 1):
+  after merging the two axes (a free reshape) each term is one strided
+  slice of one axis, a contiguous block shifted by a (w + 1), and the
+  result, read as (size, w), keeps its first `size` columns. Why: written
+  as 2-d slices of a padded array, XLA CPU fused the pad and the slices into
+  every consumer (each fusion of the next activation, each pad of the next
   layer), recomputing them with per-element bounds checks, superlinearly in
   depth; in this form it materializes one padded array per axis pair and
   sums it in one vectorized pass (benchmark CNN, 3 layers: ~3x faster).
   """
-  if len(axes) == 2 and axes[1] == axes[0] + 1 and (
-      a.shape[axes[0]] == a.shape[axes[1]]):
-    return _flat_diagonal_sum(a, axes[0], size, window, stride, pad, circular)
-  a = pad_axes(a, axes, pad, circular)
-  parts = []
-  for offset in range(window):
-    part = a
-    for axis in axes:
-      part = _strided(part, axis, offset, size, stride)
-    parts.append(part)
-  return sum(parts[1:], parts[0])
+  if not (len(axes) == 2 and axes[1] == axes[0] + 1
+          and a.shape[axes[0]] == a.shape[axes[1]]):
+    a = pad_axes(a, axes, pad, circular)
+    parts = []
+    for offset in range(window):
+      part = a
+      for axis in axes:
+        part = _strided(part, axis, offset, size, stride)
+      parts.append(part)
+    return sum(parts[1:], parts[0])
 
-
-def _flat_diagonal_sum(a, axis: int, size: int, window: int, stride: int,
-                       pad: tuple, circular: bool):
-  """`diagonal_window_sum` over the axes (axis, axis + 1) of equal length,
-  in flattened coordinates (see there)."""
-  n, (lo, hi) = a.shape[axis], pad
+  axis, n, (lo, hi) = axes[0], a.shape[axes[0]], pad
   # Row length. Zero padding needs only max(lo, hi) zero columns per row,
   # lo in front of the data, the rest after it: a window running past the
   # end of a row reads the next row's leading zeros (9 instead of 10 for a
@@ -223,7 +217,7 @@ def _flat_diagonal_sum(a, axis: int, size: int, window: int, stride: int,
   # the dropped columns o' >= size read them.
   extra = max(0, -(-needed // width) - (n + lo + hi))
   if circular:
-    a = pad_axes(a, (axis, axis + 1), pad, True)
+    a = pad_axes(a, axes, pad, True)
     pads = ((0, extra), (0, 0))
   else:
     pads = ((lo, hi + extra), (lo, width - n - lo))

@@ -349,7 +349,10 @@ def _pair_blocks(x1, x2, diagonal: bool) -> Optional[tuple]:
   per_pair = positions if diagonal else positions**2
   n1 = x1.shape[0]
   n2 = n1 if x2 is None else x2.shape[0]
-  if n1 * n2 * per_pair <= 4 * _BLOCK_ENTRIES:
+  # Anything larger than one block is blocked: the Flatten benchmark
+  # network at 100 x 100 (640k pixel-diagonal entries) ran 1.8x faster in
+  # blocks than in one pass through memory.
+  if n1 * n2 * per_pair <= _BLOCK_ENTRIES:
     return None
   # As many blocks as the sizes above ask for, but of equal sizes: padding
   # rows and columns are computed and dropped (n2 = 100 in blocks of 64

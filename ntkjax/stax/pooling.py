@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 
 from ntkjax.kernel import Kernel, Spatial
@@ -225,7 +226,15 @@ def _global(average: bool, name: str) -> Layer:
     # by P1 P2 (P^2 for an input with itself, P for means), P the number of
     # unmasked positions of each sample.
     def reduce(a, batch_axes):
-      return jnp.sum(a, tuple(range(a.ndim - batch_axes)))
+      # A product with a vector of ones, not jnp.sum: XLA CPU fuses the
+      # last activation's formulas into a reduction (and splits them at
+      # each select, materializing broadcast constants), but never into a
+      # dot, so the last layer stays two fusions (benchmark CNN: 1.2x).
+      rest = a.shape[a.ndim - batch_axes:]
+      flat = a.reshape((-1,) + rest)
+      ones = jnp.ones((flat.shape[0],), a.dtype)
+      return jnp.tensordot(ones, flat, axes=1,
+                           precision=jax.lax.Precision.HIGHEST)
 
     dtype = k.nngp.dtype
     if k.mask1 is None:
