@@ -23,8 +23,10 @@ demo: setup
 
 # One OpenBLAS thread: with XLA's own threads on a 2-core machine, OpenBLAS's
 # spinning threads made LAPACK calls 10-50x slower (DESIGN.md, predict).
+# Test files run in parallel, one worker per core, each file on one worker
+# (its compiled-function caches stay warm).
 test: setup
-	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q tests --durations=25
+	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile tests --durations=25
 
 bench: setup
 	$(PY) benchmarks/run_all.py

@@ -32,7 +32,7 @@ from jax import lax
 import ntkjax
 from conftest import assert_monte_carlo_close
 from ntkjax import stax
-from ntkjax.stax.conv import ConvLocal, ConvTranspose
+from ntkjax.stax.conv_variants import ConvLocal, ConvTranspose
 from test_conv import (_Reference, _images, _init, _jit, _monte_carlo, _rel,
                        _same_position, _selections)
 

@@ -260,3 +260,24 @@ def test_half_range_rule_integrates_moments_exactly(degree, power):
   for k in range(0, 31, 3):
     exact = 2**(k / 2) * gamma((k + power + 1) / 2) / gamma((power + 1) / 2)
     np.testing.assert_allclose(np.sum(weights * nodes**k), exact, rtol=1e-10)
+
+
+def test_relu_at_correlation_one_in_float32():
+  """A sample with itself: k12 = k11 = k22. Exactly E[relu(u)^2] = k/2 and
+  E[relu'(u)^2] = 1/2. Computed rho is 1 - O(eps), and arccos of that is
+  ~sqrt(eps) = 3.5e-4 in float32 (1e-4 relative in the NTK factor) unless
+  rho within rounding of 1 is taken as 1."""
+  relu = dual.ab_relu(0., 1.)
+  k = jnp.asarray(np.random.default_rng(0).uniform(0.1, 10., 1000),
+                  jnp.float32)
+  np.testing.assert_allclose(relu.ntk_factor(k, k, k), 0.5, rtol=1e-6)
+  np.testing.assert_allclose(relu.nngp(k, k, k), k / 2, rtol=1e-6)
+  # Through a network: the float32 NTK's diagonal within float32 rounding
+  # of the float64 one (was 1.5e-4 off).
+  x = np.random.default_rng(1).standard_normal((8, 10))
+  network = stax.serial(stax.Dense(8, 1.5, 0.1), stax.Relu(),
+                        stax.Dense(8, 1.5, 0.1), stax.Relu(), stax.Dense(1))
+  ntk32 = network.kernel_fn(x.astype(np.float32), None, 'ntk')
+  ntk64 = network.kernel_fn(x, None, 'ntk')
+  assert ntk32.dtype == jnp.float32
+  np.testing.assert_allclose(np.diag(ntk32), np.diag(ntk64), rtol=2e-6)

@@ -24,11 +24,32 @@ from ntkjax import stax
 
 PAD = -7.
 
+_COMPILED = {}
 
-# Blocked and unblocked runs compute a sample's kernel with itself in
-# different programs; the ReLU arc-cosine at correlation rho = 1 - O(eps)
-# amplifies rounding to O(sqrt(eps)) ~ 1.5e-8 relative (float64) there.
-RTOL_SAME_SAMPLE = 1e-7
+
+def _kernel_fn(network):
+  """network.kernel_fn under jit (one compilation per shape instead of
+  op-by-op dispatch; these tests call it on many small shapes)."""
+  key = ('kernel', id(network))
+  if key not in _COMPILED:
+    _COMPILED[key] = (network, jax.jit(network.kernel_fn,
+                                       static_argnames='get'))
+  return _COMPILED[key][1]
+
+
+def _apply_fn(network):
+  """network.apply_fn under jit."""
+  key = ('apply', id(network))
+  if key not in _COMPILED:
+    _COMPILED[key] = (network, jax.jit(network.apply_fn))
+  return _COMPILED[key][1]
+
+
+# Blocked and unblocked runs compute the same entries in different XLA
+# programs: equal up to float64 rounding through a few layers. (Before
+# dual._correlation took rho within 4 eps of 1 as 1, a sample with itself
+# differed by O(sqrt(eps)) ~ 1e-8 through the ReLU arc-cosine.)
+RTOL_SAME_SAMPLE = 1e-11
 
 
 def _sequences(lengths, size=8, channels=2, seed=0, pad=PAD):
@@ -53,20 +74,20 @@ def test_masked_padding_equals_truncation(pool):
   lengths = [5, 8, 3, 5]
   x, padded = _sequences(lengths)
   network = _conv_network(pool)
-  kernel = network.kernel_fn(padded, None, ('nngp', 'ntk'), mask_constant=PAD)
+  kernel = _kernel_fn(network)(padded, None, ('nngp', 'ntk'), mask_constant=PAD)
   _, params = network.init_fn(jax.random.PRNGKey(0), padded.shape)
-  outputs = network.apply_fn(params, padded, mask_constant=PAD)
+  outputs = _apply_fn(network)(params, padded, mask_constant=PAD)
   for i, li in enumerate(lengths):
-    own = network.kernel_fn(jnp.asarray(x[i:i + 1, :li]), None,
+    own = _kernel_fn(network)(jnp.asarray(x[i:i + 1, :li]), None,
                             ('nngp', 'ntk'))
     np.testing.assert_allclose(kernel.nngp[i, i], own.nngp[0, 0], rtol=1e-12)
     np.testing.assert_allclose(kernel.ntk[i, i], own.ntk[0, 0], rtol=1e-12)
     np.testing.assert_allclose(
-        outputs[i], network.apply_fn(params, jnp.asarray(x[i:i + 1, :li]))[0],
+        outputs[i], _apply_fn(network)(params, jnp.asarray(x[i:i + 1, :li]))[0],
         rtol=1e-12)
     for j, lj in enumerate(lengths):
       if lj == li and j != i:  # same lengths: a two-batch kernel exists
-        pair = network.kernel_fn(jnp.asarray(x[i:i + 1, :li]),
+        pair = _kernel_fn(network)(jnp.asarray(x[i:i + 1, :li]),
                                  jnp.asarray(x[j:j + 1, :lj]), 'ntk')
         np.testing.assert_allclose(kernel.ntk[i, j], pair[0, 0], rtol=1e-12)
 
@@ -119,12 +140,12 @@ def test_masked_images_pooling_and_flatten_match_finite_network_structure():
                      stax.Conv(width, (2, 2), padding='VALID'), stax.Relu())
   for head in (stax.GlobalAvgPool(), stax.Flatten()):
     network = stax.serial(body, head, stax.Dense(width))
-    exact = network.kernel_fn(x, None, 'nngp', mask_constant=PAD)
+    exact = _kernel_fn(network)(x, None, 'nngp', mask_constant=PAD)
 
     @jax.jit
     def one(key, network=network):
       _, params = network.init_fn(key, x.shape)
-      f = lambda p, inputs: network.apply_fn(p, inputs, mask_constant=PAD)
+      f = lambda p, inputs: _apply_fn(network)(p, inputs, mask_constant=PAD)
       return empirical_nngp(f, params, x, x)
 
     values = np.stack([np.asarray(one(k)) for k in
@@ -137,12 +158,12 @@ def test_masked_images_pooling_and_flatten_match_finite_network_structure():
 def test_fully_masked_sample_gives_zero_rows():
   _, x = _sequences([4, 0, 6])
   network = _conv_network(stax.GlobalAvgPool())
-  kernel = network.kernel_fn(x, None, ('nngp', 'ntk'), mask_constant=PAD)
+  kernel = _kernel_fn(network)(x, None, ('nngp', 'ntk'), mask_constant=PAD)
   assert np.all(np.asarray(kernel.nngp)[1] == 0)
   assert np.all(np.asarray(kernel.ntk)[:, 1] == 0)
   assert np.all(np.isfinite(np.asarray(kernel.ntk)))
   _, params = network.init_fn(jax.random.PRNGKey(0), x.shape)
-  assert np.all(np.asarray(network.apply_fn(params, x,
+  assert np.all(np.asarray(_apply_fn(network)(params, x,
                                             mask_constant=PAD))[1] == 0)
 
 
@@ -154,7 +175,7 @@ def test_blocked_batched_and_nan_constant_agree():
   network = stax.serial(stax.Conv(4, (3, 3), padding='SAME', b_std=0.1),
                         stax.Relu(), stax.Conv(4, (3, 3), padding='SAME'),
                         stax.Relu(), stax.GlobalAvgPool(), stax.Dense(1))
-  whole = network.kernel_fn(jnp.asarray(x), mask_constant=PAD)
+  whole = _kernel_fn(network)(jnp.asarray(x), mask_constant=PAD)
   expected = np.asarray(whole.spatial.public(whole.ntk, 2))
   kernel_fn = jax.jit(network.kernel_fn, static_argnames='get')
   blocked = kernel_fn(jnp.asarray(x), None, 'ntk', mask_constant=PAD)
@@ -180,8 +201,8 @@ def test_partly_masked_positions_are_zeroed_not_masked():
   zeroed[0, 2, 1] = 0.
   network = _conv_network(stax.GlobalAvgPool())
   np.testing.assert_allclose(
-      network.kernel_fn(jnp.asarray(x), None, 'ntk', mask_constant=PAD),
-      network.kernel_fn(jnp.asarray(zeroed), None, 'ntk'), rtol=1e-12)
+      _kernel_fn(network)(jnp.asarray(x), None, 'ntk', mask_constant=PAD),
+      _kernel_fn(network)(jnp.asarray(zeroed), None, 'ntk'), rtol=1e-12)
 
 
 def test_masked_vertices_equal_deleted_vertices():
@@ -199,17 +220,17 @@ def test_masked_vertices_equal_deleted_vertices():
   network = stax.serial(stax.Dense(8, b_std=0.1), Aggregate(), stax.Relu(),
                         stax.Dense(8), Aggregate(), stax.GlobalAvgPool(),
                         stax.Dense(1))
-  masked = network.kernel_fn(jnp.asarray(padded), None, ('nngp', 'ntk'),
+  masked = _kernel_fn(network)(jnp.asarray(padded), None, ('nngp', 'ntk'),
                              pattern=jnp.asarray(pattern), mask_constant=PAD)
-  deleted = network.kernel_fn(jnp.asarray(x[:, :-1]), None, ('nngp', 'ntk'),
+  deleted = _kernel_fn(network)(jnp.asarray(x[:, :-1]), None, ('nngp', 'ntk'),
                               pattern=jnp.asarray(pattern[:, :-1, :-1]))
   np.testing.assert_allclose(masked.nngp, deleted.nngp, rtol=1e-12)
   np.testing.assert_allclose(masked.ntk, deleted.ntk, rtol=1e-12)
   _, params = network.init_fn(jax.random.PRNGKey(0), padded.shape)
   np.testing.assert_allclose(
-      network.apply_fn(params, jnp.asarray(padded), mask_constant=PAD,
+      _apply_fn(network)(params, jnp.asarray(padded), mask_constant=PAD,
                        pattern=jnp.asarray(pattern)),
-      network.apply_fn(params, jnp.asarray(x[:, :-1]),
+      _apply_fn(network)(params, jnp.asarray(x[:, :-1]),
                        pattern=jnp.asarray(pattern[:, :-1, :-1])), rtol=1e-12)
 
 
@@ -220,7 +241,7 @@ def test_transposed_and_local_convolutions_equal_truncation(first):
   ConvLocal ('SAME') reads zeros at masked positions like zero padding.
   Kernels (ConvLocal's finite weights depend on the length, so only the
   transposed network's outputs are compared too)."""
-  from ntkjax.stax.conv import ConvLocal, ConvTranspose
+  from ntkjax.stax.conv_variants import ConvLocal, ConvTranspose
   lengths = [4, 6, 2]
   x, padded = _sequences(lengths, size=6, seed=8)
   layer = (ConvTranspose(8, (3,), strides=(2,), padding='VALID', b_std=0.1)
@@ -229,17 +250,17 @@ def test_transposed_and_local_convolutions_equal_truncation(first):
   network = stax.serial(layer, stax.Relu(),
                         stax.Conv(8, (3,), padding='SAME', b_std=0.1),
                         stax.Relu(), stax.GlobalAvgPool(), stax.Dense(1))
-  kernel = network.kernel_fn(padded, None, 'ntk', mask_constant=PAD)
+  kernel = _kernel_fn(network)(padded, None, 'ntk', mask_constant=PAD)
   if first == 'transpose':
     _, params = network.init_fn(jax.random.PRNGKey(0), padded.shape)
-    outputs = network.apply_fn(params, padded, mask_constant=PAD)
+    outputs = _apply_fn(network)(params, padded, mask_constant=PAD)
   for i, li in enumerate(lengths):
-    own = network.kernel_fn(jnp.asarray(x[i:i + 1, :li]), None, 'ntk')
+    own = _kernel_fn(network)(jnp.asarray(x[i:i + 1, :li]), None, 'ntk')
     np.testing.assert_allclose(kernel[i, i], own[0, 0], rtol=1e-12)
     if first == 'transpose':
       np.testing.assert_allclose(
           outputs[i],
-          network.apply_fn(params, jnp.asarray(x[i:i + 1, :li]))[0],
+          _apply_fn(network)(params, jnp.asarray(x[i:i + 1, :li]))[0],
           rtol=1e-12)
 
 
@@ -262,16 +283,16 @@ def test_attention_over_masked_keys_equals_truncation(mechanism,
                                n_chan_pos_emb=3 if pos_emb == 'CONCAT' else None,
                                b_std=0.1),
       stax.Relu(), stax.GlobalAvgPool(), stax.Dense(1))
-  kernel = network.kernel_fn(padded, None, 'ntk', mask_constant=PAD)
+  kernel = _kernel_fn(network)(padded, None, 'ntk', mask_constant=PAD)
   finite = pos_emb == 'NONE'  # embeddings' parameters depend on the length
   if finite:
     _, params = network.init_fn(jax.random.PRNGKey(0), padded.shape)
-    outputs = network.apply_fn(params, padded, mask_constant=PAD)
+    outputs = _apply_fn(network)(params, padded, mask_constant=PAD)
   for i, li in enumerate(lengths):
-    own = network.kernel_fn(jnp.asarray(x[i:i + 1, :li]), None, 'ntk')
+    own = _kernel_fn(network)(jnp.asarray(x[i:i + 1, :li]), None, 'ntk')
     np.testing.assert_allclose(kernel[i, i], own[0, 0], rtol=1e-7)
     if finite:
       np.testing.assert_allclose(
           outputs[i],
-          network.apply_fn(params, jnp.asarray(x[i:i + 1, :li]))[0],
+          _apply_fn(network)(params, jnp.asarray(x[i:i + 1, :li]))[0],
           rtol=1e-10)

@@ -4,7 +4,8 @@ Every constructor returns a `Layer` `(init_fn, apply_fn, kernel_fn)`; names
 and keyword arguments follow neural-tangents' `stax`.
 """
 
-from ntkjax.stax.conv import Conv, ConvLocal, ConvTranspose
+from ntkjax.stax.conv import Conv
+from ntkjax.stax.conv_variants import ConvLocal, ConvTranspose
 from ntkjax.stax.attention import GlobalSelfAttention
 from ntkjax.stax.dropout import Dropout
 from ntkjax.stax.graph import Aggregate

@@ -111,6 +111,12 @@ def _correlation(k12, k11, k22):
   # one multiply per kernel entry instead of a divide.
   inverse1, inverse2 = safe_divide(1., sigma1), safe_divide(1., sigma2)
   rho = jnp.clip(k12 * inverse1 * inverse2, -1., 1.)
+  # A sample with itself has rho = 1, computed as 1 - O(eps), and arccos
+  # turns that rounding into theta ~ sqrt(eps) (float32: 1e-4 relative in
+  # the ReLU NTK's diagonal). Within a few rounding errors of 1, rho
+  # cannot be resolved anyway, so it is taken as 1.
+  near_one = 1. - 4 * jnp.finfo(rho.dtype).eps
+  rho = jnp.where(rho > near_one, 1., rho)
   sin_theta = safe_sqrt(1. - rho**2)
   # atan2 with a safe sqrt has gradient 0 at rho = +-1 where arccos' is
   # infinite; every formula below has a finite limit there, which this gives.
