@@ -243,6 +243,64 @@ def channels_last_dimension_numbers(dimension_numbers, ndim: int, name: str):
   return tuple(dimension_numbers)
 
 
+def conv_arguments(kind: str, out_chan, filter_shape, strides, padding,
+                    W_std, b_std, dimension_numbers, parameterization):
+  """Validated arguments of a convolution-like layer.
+
+  Returns:
+    (name, filter_shape, strides, padding, lax dimension numbers).
+  """
+  try:
+    filter_shape = tuple(filter_shape)
+  except TypeError:
+    raise ValueError(f'{kind}: filter_shape must be a sequence of 1, 2 or 3 '
+                     f'positive ints (one per spatial axis), got '
+                     f'{filter_shape!r}.') from None
+  ndim = len(filter_shape)
+  name = f'{kind}({out_chan}, {filter_shape})'
+  if ndim not in SPATIAL_LETTERS:
+    raise ValueError(f'{name}: filter_shape must have 1, 2 or 3 entries (one '
+                     'per spatial axis).')
+  if not isinstance(out_chan, int) or out_chan < 1:
+    raise ValueError(f'{name}: out_chan must be a positive int.')
+  if any(not isinstance(f, int) or f < 1 for f in filter_shape):
+    raise ValueError(f'{name}: filter sizes must be positive ints.')
+  strides = (1,) * ndim if strides is None else tuple(strides)
+  if len(strides) != ndim or any(not isinstance(t, int) or t < 1
+                                 for t in strides):
+    raise ValueError(f'{name}: strides must be {ndim} positive ints, got '
+                     f'{strides!r}.')
+  padding = check_padding(padding, name)
+  if parameterization not in ('ntk', 'standard'):
+    raise ValueError(f"{name}: parameterization must be 'ntk' or 'standard', "
+                     f'got {parameterization!r}.')
+  check_nonnegative(W_std, 'W_std', name)
+  check_nonnegative(b_std, 'b_std', name)
+  dims = channels_last_dimension_numbers(dimension_numbers, ndim, name)
+  return name, filter_shape, strides, padding, dims
+
+
+def check_rank(shape, ndim: int, name: str):
+  if len(shape) != ndim + 2:
+    raise ValueError(
+        f'{name}: inputs must have rank {ndim + 2} (batch, {ndim} spatial '
+        f'axes, channels); got shape {tuple(shape)}.')
+
+
+def init_shared_filter(key, in_chan: int, out_chan: int, filter_shape: tuple,
+                       W_std, b_std, parameterization: str, s0):
+  """Parameters (w, b) of a convolution with one filter for all positions:
+  w (filter..., in, out) ~ N(0, 1) (standard parameterization: scaled by
+  W_std sqrt(s0 / (F in))), b (out,) or None."""
+  key_w, key_b = jax.random.split(key)
+  w = jax.random.normal(key_w, filter_shape + (in_chan, out_chan))
+  b = None if b_std is None else jax.random.normal(key_b, (out_chan,))
+  if parameterization == 'standard':
+    w = w * (W_std * jnp.sqrt(s0 / (math.prod(filter_shape) * in_chan)))
+    b = None if b is None else b * b_std
+  return w, b
+
+
 def Conv(out_chan: int, filter_shape: Sequence[int],
          strides: Optional[Sequence[int]] = None, padding: str = 'VALID',
          W_std=1., b_std=None, dimension_numbers=None,
@@ -264,26 +322,10 @@ def Conv(out_chan: int, filter_shape: Sequence[int],
   Returns:
     A `Layer`.
   """
-  filter_shape = tuple(filter_shape)
+  name, filter_shape, strides, padding, dims = conv_arguments(
+      'Conv', out_chan, filter_shape, strides, padding, W_std, b_std,
+      dimension_numbers, parameterization)
   ndim = len(filter_shape)
-  name = f'Conv({out_chan}, {filter_shape})'
-  if ndim not in SPATIAL_LETTERS:
-    raise ValueError(f'{name}: filter_shape must have 1, 2 or 3 entries.')
-  if not isinstance(out_chan, int) or out_chan < 1:
-    raise ValueError(f'{name}: out_chan must be a positive int.')
-  if any(not isinstance(f, int) or f < 1 for f in filter_shape):
-    raise ValueError(f'{name}: filter sizes must be positive ints.')
-  strides = (1,) * ndim if strides is None else tuple(strides)
-  if len(strides) != ndim or any(not isinstance(t, int) or t < 1
-                                 for t in strides):
-    raise ValueError(f'{name}: strides must be {ndim} positive ints, got '
-                     f'{strides!r}.')
-  padding = check_padding(padding, name)
-  if parameterization not in ('ntk', 'standard'):
-    raise ValueError(f"{name}: parameterization must be 'ntk' or 'standard'.")
-  check_nonnegative(W_std, 'W_std', name)
-  check_nonnegative(b_std, 'b_std', name)
-  dims = channels_last_dimension_numbers(dimension_numbers, ndim, name)
   window = math.prod(filter_shape)
   s0 = s[0]
 
@@ -297,14 +339,9 @@ def Conv(out_chan: int, filter_shape: Sequence[int],
 
   def init_fn(key, input_shape):
     sizes, _ = geometry(input_shape)
-    in_chan = input_shape[-1]
-    key_w, key_b = jax.random.split(key)
-    w = jax.random.normal(key_w, filter_shape + (in_chan, out_chan))
-    b = None if b_std is None else jax.random.normal(key_b, (out_chan,))
-    if parameterization == 'standard':
-      w = w * (W_std * jnp.sqrt(s0 / (window * in_chan)))
-      b = None if b is None else b * b_std
-    return (input_shape[0],) + sizes + (out_chan,), (w, b)
+    params = init_shared_filter(key, input_shape[-1], out_chan, filter_shape,
+                                W_std, b_std, parameterization, s0)
+    return (input_shape[0],) + sizes + (out_chan,), params
 
   def apply_fn(params, x, mask=None, **kwargs):
     w, b = params

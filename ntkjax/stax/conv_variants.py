@@ -58,60 +58,16 @@ from jax import lax
 
 from ntkjax.kernel import Kernel
 from ntkjax.stax import features
-from ntkjax.stax.conv import (SPATIAL_LETTERS, box_window_sum,
-                              channels_last_dimension_numbers, check_padding,
-                              check_spatial_input, spatial_axes,
-                              window_center_mask, window_geometry)
-from ntkjax.stax.layer import (Layer, check_nonnegative, layer, single_kernel,
+from ntkjax.stax.conv import (box_window_sum, check_rank, check_spatial_input,
+                              conv_arguments, init_shared_filter,
+                              spatial_axes, window_center_mask,
+                              window_geometry)
+from ntkjax.stax.layer import (Layer, layer, single_kernel,
                                zero_masked_outputs)
 
 
 # ----------------------------------------------------------------------------
 # ConvTranspose and ConvLocal.
-
-
-def _conv_arguments(kind: str, out_chan, filter_shape, strides, padding,
-                    W_std, b_std, dimension_numbers, parameterization):
-  """Validated arguments of a convolution-like layer.
-
-  Returns:
-    (name, filter_shape, strides, padding, lax dimension numbers).
-  """
-  try:
-    filter_shape = tuple(filter_shape)
-  except TypeError:
-    raise ValueError(f'{kind}: filter_shape must be a sequence of 1, 2 or 3 '
-                     f'positive ints (one per spatial axis), got '
-                     f'{filter_shape!r}.') from None
-  ndim = len(filter_shape)
-  name = f'{kind}({out_chan}, {filter_shape})'
-  if ndim not in SPATIAL_LETTERS:
-    raise ValueError(f'{name}: filter_shape must have 1, 2 or 3 entries (one '
-                     'per spatial axis).')
-  if not isinstance(out_chan, int) or out_chan < 1:
-    raise ValueError(f'{name}: out_chan must be a positive int.')
-  if any(not isinstance(f, int) or f < 1 for f in filter_shape):
-    raise ValueError(f'{name}: filter sizes must be positive ints.')
-  strides = (1,) * ndim if strides is None else tuple(strides)
-  if len(strides) != ndim or any(not isinstance(t, int) or t < 1
-                                 for t in strides):
-    raise ValueError(f'{name}: strides must be {ndim} positive ints, got '
-                     f'{strides!r}.')
-  padding = check_padding(padding, name)
-  if parameterization not in ('ntk', 'standard'):
-    raise ValueError(f"{name}: parameterization must be 'ntk' or 'standard', "
-                     f'got {parameterization!r}.')
-  check_nonnegative(W_std, 'W_std', name)
-  check_nonnegative(b_std, 'b_std', name)
-  dims = channels_last_dimension_numbers(dimension_numbers, ndim, name)
-  return name, filter_shape, strides, padding, dims
-
-
-def _check_rank(shape, ndim: int, name: str):
-  if len(shape) != ndim + 2:
-    raise ValueError(
-        f'{name}: inputs must have rank {ndim + 2} (batch, {ndim} spatial '
-        f'axes, channels); got shape {tuple(shape)}.')
 
 
 def _with_masked_zeros(k: Kernel) -> Kernel:
@@ -254,7 +210,7 @@ def ConvTranspose(out_chan: int, filter_shape: Sequence[int],
   Returns:
     A `Layer`.
   """
-  name, filter_shape, strides, padding, dims = _conv_arguments(
+  name, filter_shape, strides, padding, dims = conv_arguments(
       'ConvTranspose', out_chan, filter_shape, strides, padding, W_std, b_std,
       dimension_numbers, parameterization)
   ndim = len(filter_shape)
@@ -263,20 +219,15 @@ def ConvTranspose(out_chan: int, filter_shape: Sequence[int],
   s0 = s[0]
 
   def geometry(input_shape):
-    _check_rank(input_shape, ndim, name)
+    check_rank(input_shape, ndim, name)
     return transpose_geometry(input_shape[1:-1], filter_shape, strides,
                               padding)
 
   def init_fn(key, input_shape):
     sizes, _ = geometry(input_shape)
-    in_chan = input_shape[-1]
-    key_w, key_b = jax.random.split(key)
-    w = jax.random.normal(key_w, filter_shape + (in_chan, out_chan))
-    b = None if b_std is None else jax.random.normal(key_b, (out_chan,))
-    if parameterization == 'standard':
-      w = w * (W_std * jnp.sqrt(s0 / (window * in_chan)))
-      b = None if b is None else b * b_std
-    return (input_shape[0],) + sizes + (out_chan,), (w, b)
+    params = init_shared_filter(key, input_shape[-1], out_chan, filter_shape,
+                                W_std, b_std, parameterization, s0)
+    return (input_shape[0],) + sizes + (out_chan,), params
 
   def transpose(x, w):
     if circular:
@@ -381,7 +332,7 @@ def ConvLocal(out_chan: int, filter_shape: Sequence[int],
   Returns:
     A `Layer`.
   """
-  name, filter_shape, strides, padding, dims = _conv_arguments(
+  name, filter_shape, strides, padding, dims = conv_arguments(
       'ConvLocal', out_chan, filter_shape, strides, padding, W_std, b_std,
       dimension_numbers, parameterization)
   ndim = len(filter_shape)
@@ -391,7 +342,7 @@ def ConvLocal(out_chan: int, filter_shape: Sequence[int],
   letters = 'abc'[:ndim]
 
   def geometry(input_shape):
-    _check_rank(input_shape, ndim, name)
+    check_rank(input_shape, ndim, name)
     return window_geometry(input_shape[1:-1], filter_shape, strides, padding,
                            name)
 
