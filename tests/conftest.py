@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+import ntkjax
 from ntkjax import stax
 
 jax.config.update('jax_enable_x64', True)
@@ -194,3 +195,25 @@ def inputs():
   x1 = jax.random.normal(key1, (4, 6))
   x2 = 1.5 * jax.random.normal(key2, (3, 6))
   return x1, x2
+
+
+def relative_error(a, b):
+  """max |a - b| / max |b| (shapes must agree)."""
+  a, b = np.asarray(a), np.asarray(b)
+  assert a.shape == b.shape, (a.shape, b.shape)
+  return np.max(np.abs(a - b)) / np.max(np.abs(b))
+
+
+def monte_carlo_structured(network, x1, x2, n, seed, get):
+  """Mean and standard error of `n` empirical kernels of the finite network
+  (`monte_carlo_kernel_fn` with running estimates, structured derivatives):
+  the running means m_k at every k give the samples k m_k - (k-1) m_{k-1}."""
+  init_fn, apply_fn, _ = network
+  kernel_fn = ntkjax.monte_carlo_kernel_fn(
+      init_fn, apply_fn, jax.random.PRNGKey(seed), range(1, n + 1),
+      vmap_axes=0,
+      implementation=ntkjax.NtkImplementation.STRUCTURED_DERIVATIVES)
+  means = [np.asarray(m) for m in kernel_fn(x1, x2, get)]
+  samples = np.stack([means[0]] + [(k + 1) * means[k] - k * means[k - 1]
+                                   for k in range(1, n)])
+  return means[-1], samples.std(0, ddof=1) / np.sqrt(n)

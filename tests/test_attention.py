@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_monte_carlo_close
+from conftest import assert_monte_carlo_close, relative_error
 
 import ntkjax
 from ntkjax import stax
@@ -69,11 +69,6 @@ def _jit(network):
   return _JITTED[id(kernel_fn)][1]
 
 
-def _rel(a, b):
-  """max |a - b| / max |b|."""
-  a, b = np.asarray(a), np.asarray(b)
-  assert a.shape == b.shape, (a.shape, b.shape)
-  return np.max(np.abs(a - b)) / np.max(np.abs(b))
 
 
 # ----------------------------------------------------------------------------
@@ -315,7 +310,7 @@ def test_kernel_fn_matches_independent_reference(name):
   got = _jit(net)(x1, x2, ('nngp', 'ntk', 'cov1', 'cov2'))
   expected = ref(x1, x2)
   for field in got._fields:
-    assert _rel(getattr(got, field), expected.public(field)) < 1e-12, field
+    assert relative_error(getattr(got, field), expected.public(field)) < 1e-12, field
 
 
 @pytest.mark.parametrize('name', ['1d_linear', '1d_sqrt'])
@@ -330,8 +325,8 @@ def test_symmetric_kernel_matches_reference(name):
   x1, _ = _sequences(sizes)
   got = _jit(net)(x1, None, ("nngp", "ntk"))
   expected = ref(x1, x1)
-  assert _rel(got.nngp, expected.public('nngp')) < 1e-12
-  assert _rel(got.ntk, expected.public('ntk')) < 1e-7
+  assert relative_error(got.nngp, expected.public('nngp')) < 1e-12
+  assert relative_error(got.ntk, expected.public('ntk')) < 1e-7
 
 
 def test_attention_output_layout_matches_reference():
@@ -345,11 +340,11 @@ def test_attention_output_layout_matches_reference():
   expected = ref(x1, x2)
   full = _jit(net)(x1, x2, ('nngp', 'ntk', 'cov1'))
   for field in full._fields:
-    assert _rel(getattr(full, field), expected.public(field)) < 1e-12, field
+    assert relative_error(getattr(full, field), expected.public(field)) < 1e-12, field
   diagonal = _jit(net)(x1, x2, 'ntk', diagonal_spatial=True)
   same = np.einsum('ijaAbB,aA,bB->ijab', expected.public('ntk'), np.eye(2),
                    np.eye(3))
-  assert _rel(diagonal, same) < 1e-12
+  assert relative_error(diagonal, same) < 1e-12
 
 
 # ----------------------------------------------------------------------------
@@ -457,7 +452,7 @@ def test_attention_on_raw_inputs_is_dense_on_attended_inputs(mechanism):
     a = attention.kernel_fn(x1, x2, ('nngp', 'ntk', 'cov1'))
     b = dense.kernel_fn(y1, y2, ('nngp', 'ntk', 'cov1'))
     for field in a._fields:
-      assert _rel(getattr(a, field), getattr(b, field)) < 1e-12, (
+      assert relative_error(getattr(a, field), getattr(b, field)) < 1e-12, (
           pos_emb_type, field)
 
 
@@ -483,11 +478,11 @@ def test_permutation_equivariance(linear_scaling, mechanism):
     permuted = kernel(decay, pos_emb_type, x1[:, perm], x2[:, perm])
     for field in plain._fields:
       expected = np.asarray(getattr(plain, field))[:, :, perm][:, :, :, perm]
-      assert _rel(getattr(permuted, field), expected) < 1e-12, field
+      assert relative_error(getattr(permuted, field), expected) < 1e-12, field
   plain = kernel(_decay, 'SUM', x1, x2)
   permuted = kernel(_decay, 'SUM', x1[:, perm], x2[:, perm])
   expected = np.asarray(plain.nngp)[:, :, perm][:, :, :, perm]
-  assert _rel(permuted.nngp, expected) > 1e-3
+  assert relative_error(permuted.nngp, expected) > 1e-3
 
 
 @pytest.mark.parametrize('linear_scaling', [True, False])
@@ -506,7 +501,7 @@ def test_2d_input_equals_flattened_sequence(linear_scaling):
   for field in image._fields:
     a = np.asarray(getattr(image, field))            # (N1, N2, H, H', W, W')
     a = a.transpose(0, 1, 2, 4, 3, 5).reshape(3, 2, 6, 6)
-    assert _rel(a, getattr(flat, field)) < 1e-13, field
+    assert relative_error(a, getattr(flat, field)) < 1e-13, field
 
 
 @pytest.mark.parametrize('linear_scaling', [True, False])
@@ -525,8 +520,8 @@ def test_only_products_of_standard_deviations_matter(linear_scaling):
     return _jit(net)(x1, x2, 'ntk')
 
   base = kernel(1., 1., 1., 1.)
-  assert _rel(kernel(2., 0.5, 0.25, 4.), base) < 1e-13
-  assert _rel(kernel(2., 1., 1., 1.), base) > 1e-2
+  assert relative_error(kernel(2., 0.5, 0.25, 4.), base) < 1e-13
+  assert relative_error(kernel(2., 1., 1., 1.), base) > 1e-2
 
 
 @pytest.mark.parametrize('linear_scaling,mechanism', [
@@ -549,7 +544,7 @@ def test_kernel_is_symmetric_psd_and_blockwise(linear_scaling, mechanism):
     np.testing.assert_allclose(m, m.T, rtol=0, atol=1e-13 * np.abs(m).max())
     assert np.linalg.eigvalsh(m).min() > -1e-12 * np.abs(m).max(), field
   blocks = ntkjax.batch(net.kernel_fn, batch_size=2)(x1, x2, 'ntk')
-  assert _rel(blocks, _jit(net)(x1, x2, 'ntk')) < 1e-13
+  assert relative_error(blocks, _jit(net)(x1, x2, 'ntk')) < 1e-13
 
 
 # ----------------------------------------------------------------------------
@@ -682,7 +677,7 @@ def test_matches_monte_carlo(name):
                   kw.get('n_chan_pos_emb'), kw.get('val_pos_emb', False),
                   decay=kw.get('pos_emb_decay_fn'), qk_paths=qk_paths)
       return r.global_pool().dense(1, 1.2, 0.1).public('ntk')
-    assert _rel(reference(True), exact[1]) < 1e-12
+    assert relative_error(reference(True), exact[1]) < 1e-12
     with pytest.raises(AssertionError):
       assert_monte_carlo_close(estimate['ntk'], reference(False), width)
 
@@ -862,8 +857,8 @@ def test_gaussian_logit_sums_with_key_masks(mechanism):
         mechanism, qk2, jnp.asarray(c), jnp.asarray(var_a), jnp.asarray(var_b),
         jnp.asarray(k_v), (jnp.asarray(t_v), jnp.asarray(t_k)),
         *(None if m is None else jnp.asarray(m) for m in masks))
-    assert _rel(s, s_expected) < 1e-12
-    assert _rel(t, t_expected) < 1e-12
+    assert relative_error(s, s_expected) < 1e-12
+    assert relative_error(t, t_expected) < 1e-12
 
 
 # ----------------------------------------------------------------------------

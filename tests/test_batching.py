@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import relative_error
 from ntkjax import batching, stax
 from ntkjax.stax import layer as layer_module
 
@@ -75,10 +76,6 @@ NETWORKS = {
 }
 
 
-def _rel(a, b):
-  a, b = np.asarray(a), np.asarray(b)
-  assert a.shape == b.shape, (a.shape, b.shape)
-  return np.max(np.abs(a - b)) / np.max(np.abs(b))
 
 
 def _unblocked(kernel_fn, x1, x2, get, diagonal):
@@ -127,7 +124,7 @@ def test_kernel_fn_blocks_equal_unblocked(name, symmetric, monkeypatch):
   assert len(calls) == 2
   assert blocked._fields == FIELDS
   for field in FIELDS:
-    assert _rel(getattr(blocked, field), getattr(plain, field)) < 1e-12, field
+    assert relative_error(getattr(blocked, field), getattr(plain, field)) < 1e-12, field
   np.testing.assert_array_equal(single, blocked.ntk)
   if symmetric:
     spatial = jax.eval_shape(
@@ -154,7 +151,7 @@ def test_kernel_fn_blocks_relu_symmetric(monkeypatch):
   assert len(calls) == 1
   for field in FIELDS:
     tolerance = 1e-7 if field == 'ntk' else 1e-12
-    assert _rel(getattr(blocked, field), getattr(plain, field)) < tolerance
+    assert relative_error(getattr(blocked, field), getattr(plain, field)) < tolerance
 
 
 @pytest.mark.parametrize('symmetric', [False, True], ids=['x2', 'x2_none'])
@@ -173,13 +170,13 @@ def test_batch_equals_kernel_fn(name, symmetric):
   everything = batched(x1, x2, None, diagonal_spatial=diagonal)
   assert everything._fields == FIELDS
   for field in FIELDS:
-    assert _rel(getattr(everything, field), getattr(plain, field)) < 1e-12
+    assert relative_error(getattr(everything, field), getattr(plain, field)) < 1e-12
   one = batched(x1, x2, 'nngp', diagonal_spatial=diagonal)
-  assert _rel(one, plain.nngp) < 1e-12
+  assert relative_error(one, plain.nngp) < 1e-12
   pair = batched(x1, x2, ('cov2', 'ntk'), diagonal_spatial=diagonal)
   assert pair._fields == ('cov2', 'ntk')
-  assert _rel(pair.cov2, plain.cov2) < 1e-12
-  assert _rel(pair.ntk, plain.ntk) < 1e-12
+  assert relative_error(pair.cov2, plain.cov2) < 1e-12
+  assert relative_error(pair.ntk, plain.ntk) < 1e-12
 
 
 def test_batch_on_host_and_trivial_batch_sizes():
@@ -192,10 +189,10 @@ def test_batch_on_host_and_trivial_batch_sizes():
   for field in FIELDS:
     value = getattr(on_host, field)
     assert isinstance(value, np.ndarray)
-    assert _rel(value, getattr(plain, field)) < 1e-12
+    assert relative_error(value, getattr(plain, field)) < 1e-12
   for size in (0, 5):
     whole = batching.batch(kernel_fn, size)(x1, x2, 'ntk')
-    assert _rel(whole, plain.ntk) < 1e-12
+    assert relative_error(whole, plain.ntk) < 1e-12
 
 
 def test_batch_bad_arguments():

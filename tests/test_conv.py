@@ -27,7 +27,8 @@ import pytest
 from jax import lax
 
 import ntkjax
-from conftest import assert_monte_carlo_close
+from conftest import (assert_monte_carlo_close, monte_carlo_structured,
+                      relative_error)
 from ntkjax import stax
 
 
@@ -53,11 +54,6 @@ def _jit(network):
   return _JITTED[id(kernel_fn)][1]
 
 
-def _rel(a, b):
-  """max |a - b| / max |b|."""
-  a, b = np.asarray(a), np.asarray(b)
-  assert a.shape == b.shape, (a.shape, b.shape)
-  return np.max(np.abs(a - b)) / np.max(np.abs(b))
 
 
 def _same_position(a):
@@ -425,7 +421,7 @@ def test_kernel_fn_matches_independent_reference(name):
   ref = build(_Reference(x1, x2))
   got = _jit(net)(x1, x2, ('nngp', 'ntk', 'cov1', 'cov2'))
   for field in got._fields:
-    assert _rel(getattr(got, field), ref.public(field)) < 1e-12, field
+    assert relative_error(getattr(got, field), ref.public(field)) < 1e-12, field
 
 
 @pytest.mark.parametrize('name', ['2d_conv_output', '1d', '3d'])
@@ -443,9 +439,9 @@ def test_diagonal_spatial_matches_reference_diagonal(name):
                        diagonal_spatial=True)
   for field in ('nngp', 'ntk'):
     expected = ref.public(field, diagonal=True)
-    assert _rel(getattr(diagonal, field), expected) < 1e-12, field
-    assert _rel(_same_position(getattr(full, field)), expected) < 1e-12
-  assert _rel(diagonal.cov1, ref.public('cov1', diagonal=True)) < 1e-12
+    assert relative_error(getattr(diagonal, field), expected) < 1e-12, field
+    assert relative_error(_same_position(getattr(full, field)), expected) < 1e-12
+  assert relative_error(diagonal.cov1, ref.public('cov1', diagonal=True)) < 1e-12
 
 
 def test_3d_input_kernel():
@@ -482,7 +478,7 @@ def test_1x1_filter_is_dense_per_position(sizes, parameterization):
     a = _jit(conv)(x1, x2, ('nngp', 'ntk', 'cov1'), diagonal_spatial=diagonal)
     b = _jit(dense)(x1, x2, ('nngp', 'ntk', 'cov1'), diagonal_spatial=diagonal)
     for field in a._fields:
-      assert _rel(getattr(a, field), getattr(b, field)) < 1e-12, field
+      assert relative_error(getattr(a, field), getattr(b, field)) < 1e-12, field
 
 
 @pytest.mark.parametrize('padding,parameterization', [
@@ -507,7 +503,7 @@ def test_conv_on_1x1_images_is_dense(padding, parameterization):
   a = _jit(conv)(x1, x2, ('nngp', 'ntk'))
   b = _jit(dense)(x1[:, 0, 0], x2[:, 0, 0], ('nngp', 'ntk'))
   for field in a._fields:
-    assert _rel(getattr(a, field), getattr(b, field)) < 1e-12, field
+    assert relative_error(getattr(a, field), getattr(b, field)) < 1e-12, field
 
 
 def test_flatten_and_global_pooling_are_means_of_the_full_kernel():
@@ -532,17 +528,17 @@ def test_flatten_and_global_pooling_are_means_of_the_full_kernel():
   total = stax.GlobalSumPool().kernel_fn(kernel, get=get)
   for field in ('nngp', 'ntk'):
     k = np.asarray(getattr(full, field))
-    assert _rel(getattr(flat, field),
+    assert relative_error(getattr(flat, field),
                 _same_position(k).mean(axis=(2, 3))) < 1e-12
-    assert _rel(getattr(avg, field), k.mean(axis=(2, 3, 4, 5))) < 1e-12
-    assert _rel(getattr(total, field), k.sum(axis=(2, 3, 4, 5))) < 1e-12
+    assert relative_error(getattr(avg, field), k.mean(axis=(2, 3, 4, 5))) < 1e-12
+    assert relative_error(getattr(total, field), k.sum(axis=(2, 3, 4, 5))) < 1e-12
   own = np.einsum('iaabb->iab', np.asarray(full.cov1))
-  assert _rel(flat.cov1, own.mean(axis=(1, 2))) < 1e-12
+  assert relative_error(flat.cov1, own.mean(axis=(1, 2))) < 1e-12
   # Flatten of a Kernel in either layout equals Flatten inside the network.
   for k in (kernel, diagonal):
     again = stax.Flatten().kernel_fn(k, get=get)
     for field in get:
-      assert _rel(getattr(again, field), getattr(flat, field)) < 1e-12
+      assert relative_error(getattr(again, field), getattr(flat, field)) < 1e-12
 
 
 # ----------------------------------------------------------------------------
@@ -569,10 +565,10 @@ def test_circular_network_with_global_pool_is_translation_invariant():
   net = _jit(_circular_network((2, 2)))
   a, b = net(x1, x2, ('nngp', 'ntk')), net(shifted, x2, ('nngp', 'ntk'))
   for field in a._fields:
-    assert _rel(getattr(b, field), getattr(a, field)) < 1e-12, field
+    assert relative_error(getattr(b, field), getattr(a, field)) < 1e-12, field
   same = _jit(stax.serial(stax.Conv(4, (3, 3), padding='SAME'), stax.Relu(),
                           stax.GlobalAvgPool()))
-  assert _rel(same(shifted, x2, 'nngp'), same(x1, x2, 'nngp')) > 1e-3
+  assert relative_error(same(shifted, x2, 'nngp'), same(x1, x2, 'nngp')) > 1e-3
 
 
 def test_circular_conv_output_is_translation_equivariant():
@@ -591,7 +587,7 @@ def test_circular_conv_output_is_translation_equivariant():
     expected = jnp.roll(getattr(a, field),
                         (shift[0], shift[0], shift[1], shift[1]),
                         axis=(2, 3, 4, 5))
-    assert _rel(getattr(b, field), expected) < 1e-12, field
+    assert relative_error(getattr(b, field), expected) < 1e-12, field
 
 
 def test_kernel_is_invariant_to_permuting_input_channels():
@@ -604,7 +600,7 @@ def test_kernel_is_invariant_to_permuting_input_channels():
   a = _jit(net)(x1, x2, ('nngp', 'ntk'))
   b = _jit(net)(x1[..., permutation], x2[..., permutation], ('nngp', 'ntk'))
   for field in a._fields:
-    assert _rel(getattr(b, field), getattr(a, field)) < 1e-12
+    assert relative_error(getattr(b, field), getattr(a, field)) < 1e-12
 
 
 # ----------------------------------------------------------------------------
@@ -714,19 +710,6 @@ def test_finite_pooling_matches_reduce_window(padding):
 # Monte Carlo of the finite networks.
 
 
-def _monte_carlo(network, x1, x2, n, seed, get):
-  """Mean and standard error of `n` empirical kernels, through
-  `monte_carlo_kernel_fn` (structured derivatives, vmap over the batch):
-  the running means m_k at every k give the samples k m_k - (k-1) m_{k-1}."""
-  init_fn, apply_fn, _ = network
-  kernel_fn = ntkjax.monte_carlo_kernel_fn(
-      init_fn, apply_fn, jax.random.PRNGKey(seed), range(1, n + 1),
-      vmap_axes=0,
-      implementation=ntkjax.NtkImplementation.STRUCTURED_DERIVATIVES)
-  means = [np.asarray(m) for m in kernel_fn(x1, x2, get)]
-  samples = np.stack([means[0]] + [(k + 1) * means[k] - k * means[k - 1]
-                                   for k in range(1, n)])
-  return means[-1], samples.std(0, ddof=1) / np.sqrt(n)
 
 
 MC_WIDTH = 256
@@ -747,7 +730,7 @@ def test_global_pool_cnn_matches_monte_carlo():
                 W_std=1.5, b_std=0.1), stax.Erf(),
       stax.AvgPool((2, 2), padding='SAME'), stax.GlobalAvgPool(),
       stax.Dense(1, W_std=1.5, b_std=0.1))
-  estimate = _monte_carlo(net, x1, x2, MC_SAMPLES, 2, 'ntk')
+  estimate = monte_carlo_structured(net, x1, x2, MC_SAMPLES, 2, 'ntk')
   assert_monte_carlo_close(estimate, _jit(net)(x1, x2, 'ntk'), MC_WIDTH,
                            'ntk')
 
@@ -770,7 +753,7 @@ def test_spatial_output_matches_monte_carlo():
         stax.Conv(readout, (2, 3), strides=(2, 1), W_std=1.3, b_std=0.2))
 
   wide = net('SAME', MC_WIDTH)
-  mean, stderr = _monte_carlo(wide, x1, x2, MC_SAMPLES, 3, 'nngp')
+  mean, stderr = monte_carlo_structured(wide, x1, x2, MC_SAMPLES, 3, 'nngp')
   exact = _jit(wide)(x1, x2, 'nngp')
   assert mean.shape == exact.shape == (3, 2, 2, 2, 2, 2)
   assert_monte_carlo_close((mean, stderr), exact, MC_WIDTH, 'nngp')
@@ -781,7 +764,7 @@ def test_spatial_output_matches_monte_carlo():
   with pytest.raises(AssertionError):
     assert_monte_carlo_close((mean, stderr), wrong, MC_WIDTH, 'circular')
   narrow = net('SAME', 1)
-  estimate = _monte_carlo(narrow, x1, x2, MC_SAMPLES, 4, 'ntk')
+  estimate = monte_carlo_structured(narrow, x1, x2, MC_SAMPLES, 4, 'ntk')
   assert_monte_carlo_close(estimate, _jit(narrow)(x1, x2, 'ntk'), MC_WIDTH,
                            'ntk')
 
@@ -798,7 +781,7 @@ def test_standard_parameterization_matches_monte_carlo():
       stax.Conv(MC_WIDTH, (2, 2), padding='CIRCULAR', W_std=1.3, b_std=0.2,
                 **kw),
       stax.Erf(), stax.Flatten(), stax.Dense(1, W_std=1.2, b_std=0.1, **kw))
-  estimate = _monte_carlo(net, x1, x2, MC_SAMPLES, 5, 'ntk')
+  estimate = monte_carlo_structured(net, x1, x2, MC_SAMPLES, 5, 'ntk')
   assert_monte_carlo_close(estimate, _jit(net)(x1, x2, 'ntk'), MC_WIDTH,
                            'standard')
 
@@ -816,7 +799,7 @@ def test_3d_matches_monte_carlo():
       stax.Conv(width, (2, 1, 2), strides=(2, 1, 1), padding='SAME'),
       stax.Relu(), stax.GlobalAvgPool(), stax.Dense(1))
   exact = _jit(net)(x1, x2, 'ntk')
-  estimate = _monte_carlo(net, x1, x2, 64, 7, 'ntk')
+  estimate = monte_carlo_structured(net, x1, x2, 64, 7, 'ntk')
   assert_monte_carlo_close(estimate, exact, width, '3d')
 
 

@@ -30,11 +30,12 @@ import pytest
 from jax import lax
 
 import ntkjax
-from conftest import assert_monte_carlo_close
+from conftest import (assert_monte_carlo_close, monte_carlo_structured,
+                      relative_error)
 from ntkjax import stax
 from ntkjax.stax.conv_variants import ConvLocal, ConvTranspose
-from test_conv import (_Reference, _images, _init, _jit, _monte_carlo, _rel,
-                       _same_position, _selections)
+from test_conv import (_Reference, _images, _init, _jit, _same_position,
+                       _selections)
 
 _DIMS = {1: ('NHC', 'HIO', 'NHC'), 2: ('NHWC', 'HWIO', 'NHWC'),
          3: ('NDHWC', 'DHWIO', 'NDHWC')}
@@ -260,12 +261,12 @@ def test_kernel_fn_matches_independent_reference(name):
   ref = build(_VariantReference(x1, x2))
   got = _jit(net)(x1, x2, ('nngp', 'ntk', 'cov1', 'cov2'))
   for field in got._fields:
-    assert _rel(getattr(got, field), ref.public(field)) < 1e-12, field
+    assert relative_error(getattr(got, field), ref.public(field)) < 1e-12, field
   if ref.sizes:
     diagonal = _jit(net)(x1, x2, ('nngp', 'ntk', 'cov1'),
                          diagonal_spatial=True)
     for field in diagonal._fields:
-      assert _rel(getattr(diagonal, field),
+      assert relative_error(getattr(diagonal, field),
                   ref.public(field, diagonal=True)) < 1e-12, field
 
 
@@ -305,7 +306,7 @@ def test_1x1_transpose_is_1x1_conv(padding, parameterization):
     b = _jit(net(stax.Conv))(x1, x2, ('nngp', 'ntk', 'cov1'),
                              diagonal_spatial=diagonal)
     for field in a._fields:
-      assert _rel(getattr(a, field), getattr(b, field)) < 1e-12, field
+      assert relative_error(getattr(a, field), getattr(b, field)) < 1e-12, field
 
 
 @pytest.mark.parametrize('padding,strides', [('VALID', (1, 1)),
@@ -323,14 +324,14 @@ def test_local_is_conv_on_the_pixel_diagonal(padding, strides):
   conv = _jit(net(stax.Conv))(x1, x2, ('nngp', 'ntk', 'cov1'))
   for field in ('nngp', 'ntk'):
     a, b = np.asarray(getattr(local, field)), np.asarray(getattr(conv, field))
-    assert _rel(_same_position(a), _same_position(b)) < 1e-12
+    assert relative_error(_same_position(a), _same_position(b)) < 1e-12
     h, w = a.shape[2], a.shape[4]
     off = 1 - np.einsum('ab,cd->abcd', np.eye(h), np.eye(w))
     assert np.all(a * off == 0), field
     assert np.any(b * off != 0)  # Conv's are not (negative control)
   own_local = np.einsum('iaabb->iab', np.asarray(local.cov1))
   own_conv = np.einsum('iaabb->iab', np.asarray(conv.cov1))
-  assert _rel(own_local, own_conv) < 1e-12
+  assert relative_error(own_local, own_conv) < 1e-12
   assert np.count_nonzero(local.cov1) == own_local.size
 
 
@@ -352,7 +353,7 @@ def test_local_then_flatten_runs_pixel_diagonal():
       _jit(body)(x1, x2), get=get)
   assert not _jit(body)(x1, x2).spatial.diagonal
   for field in get:
-    assert _rel(getattr(diagonal, field), getattr(full, field)) < 1e-12
+    assert relative_error(getattr(diagonal, field), getattr(full, field)) < 1e-12
 
 
 def test_lcn_without_pooling_has_the_cnn_kernel():
@@ -368,7 +369,7 @@ def test_lcn_without_pooling_has_the_cnn_kernel():
   a = _jit(net(ConvLocal))(x1, x2, ('nngp', 'ntk'))
   b = _jit(net(stax.Conv))(x1, x2, ('nngp', 'ntk'))
   for field in a._fields:
-    assert _rel(getattr(a, field), getattr(b, field)) < 1e-12
+    assert relative_error(getattr(a, field), getattr(b, field)) < 1e-12
 
 
 def test_transpose_needs_what_its_output_needs():
@@ -549,9 +550,9 @@ def test_transpose_network_matches_monte_carlo():
         stax.GlobalAvgPool(), stax.Dense(readout, W_std=1.2, b_std=0.1))
 
   wide, narrow = net(MC_WIDTH), net(1)
-  nngp = _monte_carlo(wide, x1, x2, MC_SAMPLES, 11, 'nngp')
+  nngp = monte_carlo_structured(wide, x1, x2, MC_SAMPLES, 11, 'nngp')
   assert_monte_carlo_close(nngp, _jit(wide)(x1, x2, 'nngp'), MC_WIDTH, 'nngp')
-  ntk = _monte_carlo(narrow, x1, x2, MC_SAMPLES, 12, 'ntk')
+  ntk = monte_carlo_structured(narrow, x1, x2, MC_SAMPLES, 12, 'ntk')
   assert_monte_carlo_close(ntk, _jit(narrow)(x1, x2, 'ntk'), MC_WIDTH, 'ntk')
 
 
@@ -569,9 +570,9 @@ def test_local_network_matches_monte_carlo():
         stax.Relu(), stax.Flatten(), stax.Dense(readout, W_std=1.2, b_std=0.1))
 
   wide, narrow = net(MC_WIDTH), net(1)
-  nngp = _monte_carlo(wide, x1, x2, MC_SAMPLES, 13, 'nngp')
+  nngp = monte_carlo_structured(wide, x1, x2, MC_SAMPLES, 13, 'nngp')
   assert_monte_carlo_close(nngp, _jit(wide)(x1, x2, 'nngp'), MC_WIDTH, 'nngp')
-  ntk = _monte_carlo(narrow, x1, x2, MC_SAMPLES, 14, 'ntk')
+  ntk = monte_carlo_structured(narrow, x1, x2, MC_SAMPLES, 14, 'ntk')
   assert_monte_carlo_close(ntk, _jit(narrow)(x1, x2, 'ntk'), MC_WIDTH, 'ntk')
   wrong = _jit(net(1, 'SAME'))(x1, x2, 'ntk')
   with pytest.raises(AssertionError):

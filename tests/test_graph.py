@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_monte_carlo_close
+from conftest import assert_monte_carlo_close, relative_error
 
 import ntkjax
 from ntkjax import stax
@@ -69,10 +69,6 @@ def _jit(network):
   return jax.jit(network.kernel_fn, static_argnames=('get',))
 
 
-def _rel(a, b):
-  a, b = np.asarray(a), np.asarray(b)
-  assert a.shape == b.shape, (a.shape, b.shape)
-  return np.max(np.abs(a - b)) / np.max(np.abs(b))
 
 
 # ----------------------------------------------------------------------------
@@ -185,7 +181,7 @@ def test_kernel_matches_numpy_reference(implementation, spatial):
       _Reference(x1, x2, a1, a2))
   got = _jit(net)(x1, x2, FIELDS, pattern=(p1, p2))
   for field in FIELDS:
-    assert _rel(getattr(got, field), ref.public(field, spatial)) < 1e-12, field
+    assert relative_error(getattr(got, field), ref.public(field, spatial)) < 1e-12, field
 
 
 # ----------------------------------------------------------------------------
@@ -272,7 +268,7 @@ def test_identity_graph_is_no_aggregation(implementation):
   got = _jit(aggregated)(x1, x2, FIELDS, pattern=(eye(3), eye(2)))
   expected = _jit(plain)(x1, x2, FIELDS)
   for field in FIELDS:
-    assert _rel(getattr(got, field), getattr(expected, field)) < 1e-12, field
+    assert relative_error(getattr(got, field), getattr(expected, field)) < 1e-12, field
 
 
 def test_all_ones_graph_is_global_sum_pool():
@@ -288,9 +284,9 @@ def test_all_ones_graph_is_global_sum_pool():
                                                                 FIELDS)
   for field in ('nngp', 'ntk'):
     expected = np.asarray(getattr(pooled, field))[:, :, None, None]
-    assert _rel(getattr(aggregated, field),
+    assert relative_error(getattr(aggregated, field),
                 np.broadcast_to(expected, expected.shape[:2] + (S, S))) < 1e-12
-  assert _rel(aggregated.cov1, np.broadcast_to(
+  assert relative_error(aggregated.cov1, np.broadcast_to(
       np.asarray(pooled.cov1)[:, None, None], (3, S, S))) < 1e-12
   head = lambda: stax.serial(stax.Relu(), stax.Dense(4, W_std=1.2, b_std=0.3))
   deep = stax.serial(_body(), Aggregate(), head(), stax.GlobalAvgPool())
@@ -298,7 +294,7 @@ def test_all_ones_graph_is_global_sum_pool():
   got = deep.kernel_fn(x1, x2, FIELDS, pattern=(ones(3), ones(2)))
   expected = reference.kernel_fn(x1, x2, FIELDS)
   for field in FIELDS:
-    assert _rel(getattr(got, field), getattr(expected, field)) < 1e-12, field
+    assert relative_error(getattr(got, field), getattr(expected, field)) < 1e-12, field
 
 
 def test_sparse_equals_dense_on_the_same_graph():
@@ -319,8 +315,8 @@ def test_sparse_equals_dense_on_the_same_graph():
   flat = _jit(unflatten)(x1, x2, FIELDS, pattern=(a1.reshape(3, -1),
                                                    a2.reshape(2, -1)))
   for field in FIELDS:
-    assert _rel(getattr(sparse, field), getattr(dense, field)) < 1e-12
-    assert _rel(getattr(flat, field), getattr(dense, field)) < 1e-12
+    assert relative_error(getattr(sparse, field), getattr(dense, field)) < 1e-12
+    assert relative_error(getattr(flat, field), getattr(dense, field)) < 1e-12
   _, apply_sparse, _ = Aggregate(implementation='SPARSE')
   _, apply_dense, _ = Aggregate()
   np.testing.assert_allclose(apply_sparse((), x1, pattern=e1),
@@ -351,7 +347,7 @@ def test_aggregating_one_of_two_axes_is_a_kronecker_graph():
   both = _jit(net(aggregate_axis=(1, 2)))(
       x1, x2, FIELDS, pattern=(kron(b1), kron(b2)))
   for field in FIELDS:
-    assert _rel(getattr(one, field), getattr(both, field)) < 1e-12, field
+    assert relative_error(getattr(one, field), getattr(both, field)) < 1e-12, field
     np.testing.assert_array_equal(getattr(one, field),
                                   getattr(negative, field))
   _, apply_one, _ = Aggregate(aggregate_axis=2)
@@ -380,8 +376,8 @@ def test_batch_cuts_the_graphs_with_their_inputs():
   plain = _jit(net)(x1, x2, FIELDS, pattern=(a1, a2))
   got = batched(x1, x2, FIELDS, pattern=(a1, a2))
   for field in FIELDS:
-    assert _rel(getattr(got, field), getattr(plain, field)) < 1e-12, field
-  assert _rel(batched(x1, None, 'ntk', pattern=a1),
+    assert relative_error(getattr(got, field), getattr(plain, field)) < 1e-12, field
+  assert relative_error(batched(x1, None, 'ntk', pattern=a1),
               _jit(net)(x1, None, 'ntk', pattern=a1)) < 1e-12
 
 
@@ -397,7 +393,7 @@ def test_kernel_fn_blocks_cut_the_graphs(monkeypatch):
   for x, pattern, expected in ((x2, (a1, a2), plain12), (None, a1, plain)):
     blocked = net.kernel_fn(x1, x, FIELDS, pattern=pattern)
     for field in FIELDS:
-      assert _rel(getattr(blocked, field), getattr(expected, field)) < 1e-12
+      assert relative_error(getattr(blocked, field), getattr(expected, field)) < 1e-12
 
 
 # ----------------------------------------------------------------------------

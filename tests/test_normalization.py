@@ -5,9 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_monte_carlo_close, check_layers_against_monte_carlo
+from conftest import (assert_monte_carlo_close,
+                      check_layers_against_monte_carlo,
+                      monte_carlo_structured, relative_error)
 
-import ntkjax
 from ntkjax import stax
 
 WIDTH = 512
@@ -95,10 +96,6 @@ def _jit(network):
                  static_argnames=('get', 'diagonal_spatial'))
 
 
-def _rel(a, b):
-  a, b = np.asarray(a), np.asarray(b)
-  assert a.shape == b.shape, (a.shape, b.shape)
-  return np.max(np.abs(a - b)) / np.max(np.abs(b))
 
 
 def _conv(width, W_std=1.5, b_std=0.3):
@@ -177,7 +174,7 @@ def test_spatial_layer_norm_matches_numpy_reference(axis, dims, eps):
   net = stax.serial(conv, stax.Relu(), stax.LayerNorm(axis, eps=eps))
   got = _jit(net)(x1, x2, FIELDS)
   for field in FIELDS:
-    assert _rel(getattr(got, field), ref[field]) < 1e-12, field
+    assert relative_error(getattr(got, field), ref[field]) < 1e-12, field
 
 
 def test_spatial_layer_norm_output_means():
@@ -203,11 +200,11 @@ def test_spatial_layer_norm_output_means():
   cross = (ma1[:, None, :, None, :, None] * mb2[None, :, None, :, None, :]
            + mb1[:, None, :, None, :, None] * ma2[None, :, None, :, None, :])
   expected = ref['nngp'] + np.asarray(kb.nngp) + cross
-  assert _rel(got.nngp, expected) < 1e-12
-  assert _rel(got.ntk, ref['ntk'] + np.asarray(kb.ntk)) < 1e-12
+  assert relative_error(got.nngp, expected) < 1e-12
+  assert relative_error(got.ntk, ref['ntk'] + np.asarray(kb.ntk)) < 1e-12
   own = (ma1[:, :, None, :, None] * mb1[:, None, :, None, :]
          + mb1[:, :, None, :, None] * ma1[:, None, :, None, :])
-  assert _rel(got.cov1, ref['cov1'] + np.asarray(kb.cov1) + own) < 1e-12
+  assert relative_error(got.cov1, ref['cov1'] + np.asarray(kb.cov1) + own) < 1e-12
 
 
 def test_spatial_layer_norm_normalizes_the_kernel():
@@ -255,13 +252,13 @@ def test_spatial_layer_norm_keeps_the_pixel_diagonal_layout():
   diagonal = _jit(body)(x1, x2, ('nngp', 'ntk'), diagonal_spatial=True)
   for field in ('nngp', 'ntk'):
     same = np.einsum('nmhhww->nmhw', np.asarray(getattr(full, field)))
-    assert _rel(getattr(diagonal, field), same) < 1e-12
+    assert relative_error(getattr(diagonal, field), same) < 1e-12
   flat = _jit(stax.serial(body, stax.Flatten()))(x1, x2, FIELDS)
   kernel = jax.jit(body.kernel_fn)(x1, x2)
   assert not kernel.spatial.diagonal
   expected = stax.Flatten().kernel_fn(kernel, get=FIELDS)
   for field in FIELDS:
-    assert _rel(getattr(flat, field), getattr(expected, field)) < 1e-12
+    assert relative_error(getattr(flat, field), getattr(expected, field)) < 1e-12
 
 
 @pytest.mark.parametrize('axis', [(1, 2, 3), (2, 3), -1])
@@ -286,17 +283,6 @@ def test_finite_layer_norm_over_spatial_axes(axis):
   np.testing.assert_allclose(got, expected, atol=1e-12)
 
 
-def _monte_carlo(network, x1, x2, n, seed, get):
-  """Mean and standard error of `n` empirical kernels of the finite network
-  (`monte_carlo_kernel_fn`, structured derivatives)."""
-  kernel_fn = ntkjax.monte_carlo_kernel_fn(
-      network.init_fn, network.apply_fn, jax.random.PRNGKey(seed),
-      range(1, n + 1), vmap_axes=0,
-      implementation=ntkjax.NtkImplementation.STRUCTURED_DERIVATIVES)
-  means = [np.asarray(m) for m in kernel_fn(x1, x2, get)]
-  samples = np.stack([means[0]] + [(k + 1) * means[k] - k * means[k - 1]
-                                   for k in range(1, n)])
-  return means[-1], samples.std(0, ddof=1) / np.sqrt(n)
 
 
 MC_WIDTH = 256
@@ -314,12 +300,12 @@ def test_spatial_layer_norm_nngp_matches_monte_carlo():
   conv = _conv(MC_WIDTH)
   net = stax.serial(conv, stax.Relu(), stax.LayerNorm((1, 2, 3)),
                     stax.Conv(MC_WIDTH, (1, 1), W_std=1.2, b_std=0.1))
-  estimate = _monte_carlo(net, x1, x2, MC_SAMPLES, 11, 'nngp')
+  estimate = monte_carlo_structured(net, x1, x2, MC_SAMPLES, 11, 'nngp')
   readout = lambda k: 1.2**2 * k + 0.1**2
   exact = _jit(net)(x1, x2, 'nngp')
   reference = readout(_relu_layer_norm_reference(conv, x1, x2, (0, 1),
                                                  1e-12)['nngp'])
-  assert _rel(exact, reference) < 1e-12
+  assert relative_error(exact, reference) < 1e-12
   assert_monte_carlo_close(estimate, exact, MC_WIDTH, 'nngp')
   wrong = {
       'uncentered': _relu_layer_norm_reference(conv, x1, x2, (0, 1), 1e-12,
@@ -342,7 +328,7 @@ def test_spatial_layer_norm_ntk_matches_monte_carlo():
   def net(axis):
     return stax.serial(_conv(MC_WIDTH), stax.Relu(), stax.LayerNorm(axis),
                        stax.Conv(1, (1, 1), W_std=1.2, b_std=0.1))
-  estimate = _monte_carlo(net((1, 2, 3)), x1, x2, MC_SAMPLES, 12, 'ntk')
+  estimate = monte_carlo_structured(net((1, 2, 3)), x1, x2, MC_SAMPLES, 12, 'ntk')
   assert_monte_carlo_close(estimate, _jit(net((1, 2, 3)))(x1, x2, 'ntk'),
                            MC_WIDTH, 'ntk')
   with pytest.raises(AssertionError):
