@@ -290,7 +290,7 @@ def test_attention_over_masked_keys_equals_truncation(mechanism,
     outputs = _apply_fn(network)(params, padded, mask_constant=PAD)
   for i, li in enumerate(lengths):
     own = _kernel_fn(network)(jnp.asarray(x[i:i + 1, :li]), None, 'ntk')
-    np.testing.assert_allclose(kernel[i, i], own[0, 0], rtol=1e-7)
+    np.testing.assert_allclose(kernel[i, i], own[0, 0], rtol=1e-11)
     if finite:
       np.testing.assert_allclose(
           outputs[i],

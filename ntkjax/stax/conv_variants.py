@@ -70,15 +70,6 @@ from ntkjax.stax.layer import (Layer, layer, single_kernel,
 # ConvTranspose and ConvLocal.
 
 
-def _with_masked_zeros(k: Kernel) -> Kernel:
-  """`k` with the covariances of masked positions zeroed (what a layer that
-  mixes positions reads; see `features.masked_arrays`)."""
-  if k.mask1 is None:
-    return k
-  nngp, ntk, cov1, cov2 = features.masked_arrays(k)
-  return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2)
-
-
 def _affine_kernel(k: Kernel, convolve, W_std, b_std, parameterization: str,
                    s0, window: int, out_sizes, out_chan: int,
                    embed=None) -> Kernel:
@@ -263,7 +254,7 @@ def ConvTranspose(out_chan: int, filter_shape: Sequence[int],
     return y if b is None else y + b
 
   def kernel_map(k):
-    k = _with_masked_zeros(single_kernel(k, name))
+    k = features.zero_masked(single_kernel(k, name))
     check_spatial_input(k, ndim, name)
     sizes, pads = geometry(k.shape1)
 
@@ -383,7 +374,7 @@ def ConvLocal(out_chan: int, filter_shape: Sequence[int],
     return y if b is None else y + b
 
   def kernel_map(k):
-    k = _with_masked_zeros(single_kernel(k, name))
+    k = features.zero_masked(single_kernel(k, name))
     check_spatial_input(k, ndim, name)
     sizes, pads = geometry(k.shape1)
 

@@ -351,11 +351,8 @@ def masked_arrays(k: Kernel):
     return k.nngp, k.ntk, k.cov1, k.cov2
   spatial, dtype = k.spatial, k.nngp.dtype
   keep1, keep2 = kept(k.mask1, dtype), kept(k.mask2, dtype)
-  if not spatial.ndim:
-    pair, own1, own2 = keep1[:, None] * keep2[None, :], keep1, keep2
-  else:
-    pair = spatial.outer(keep1, keep2)
-    own1, own2 = spatial.self_outer(keep1), spatial.self_outer(keep2)
+  pair = spatial.outer(keep1, keep2)
+  own1, own2 = spatial.self_outer(keep1), spatial.self_outer(keep2)
   return k.nngp * pair, k.ntk * pair, k.cov1 * own1, k.cov2 * own2
 
 
@@ -368,8 +365,9 @@ def masked_means(k: Kernel, means):
 
 
 def zero_masked(k: Kernel) -> Kernel:
-  """`k` with the covariances of masked positions zeroed (network outputs:
-  neural-tangents zeroes masked outputs too)."""
+  """`k` with the covariances of masked positions zeroed: what a layer that
+  mixes positions reads, and the network's outputs (neural-tangents zeroes
+  masked outputs too)."""
   nngp, ntk, cov1, cov2 = masked_arrays(k)
   return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2)
 
