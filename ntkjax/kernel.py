@@ -132,12 +132,16 @@ class Spatial:
     rest = a.ndim - batch_axes
     return a.transpose(tuple(range(rest, a.ndim)) + tuple(range(rest)))
 
-  def swap_public(self, a):
-    """`swap` for an nngp array in the public layout."""
+  def swap_public_axes(self) -> tuple:
+    """The axis permutation of `swap_public`."""
     perm = [1, 0]
     for d in range(self.ndim):
       perm += [3 + 2 * d, 2 + 2 * d] if self.full else [2 + d]
-    return a.transpose(perm)
+    return tuple(perm)
+
+  def swap_public(self, a):
+    """`swap` for an nngp array in the public layout."""
+    return a.transpose(self.swap_public_axes())
 
 
 def new_source_id() -> int:
