@@ -131,12 +131,18 @@ def unblocked(name: str, symmetric: bool):
   kernel_fn, x1, x2, args, kwargs = CASES[name]()
   if symmetric:
     x2, kwargs = None, symmetric_kwargs(kwargs)
+  return unblocked_of(kernel_fn, x1, x2, args, kwargs)
+
+
+def unblocked_of(kernel_fn, x1, x2, args, kwargs) -> dict:
   out = kernel_fn(jnp.asarray(x1), None if x2 is None else jnp.asarray(x2),
                   *args, **kwargs)
   return as_fields(out)
 
 
 def as_fields(out) -> dict:
+  """{field: numpy array} of a kernel function's or batch's output (a
+  named tuple, or one array named 'kernel')."""
   if hasattr(out, '_asdict'):
     return {k: np.asarray(v) for k, v in out._asdict().items()}
   return {'kernel': np.asarray(out)}

@@ -252,6 +252,15 @@ class BlockJob:
       if not self.plan.writes(field.kind, i, j):
         continue
       a = out[field.name]
+      if np.dtype(a.dtype) != np.dtype(field.dtype):
+        # E.g. a Dask worker without jax_enable_x64 for a float64 kernel:
+        # never store silently rounded values.
+        raise TypeError(
+            f'batch: block ({i}, {j}) of {field.name!r} came out as '
+            f'{np.dtype(a.dtype).name} but the kernel is {field.dtype}; '
+            'computing processes must agree on precision (set '
+            'JAX_ENABLE_X64=1 in the environment of every worker, or '
+            'neither).')
       a = (a[:r1 - r0, :c1 - c0] if field.kind == PAIR
            else a[:r1 - r0] if field.kind == ROW else a[:c1 - c0])
       result[field.name] = np.asarray(a)
