@@ -31,10 +31,11 @@ README = os.path.join(HERE, 'README.md')
 # Fields that identify a case within a benchmark (the rest are measurements),
 # in the order rows are sorted (a file without some of them still pairs on
 # the rest). CASE_TEXT_FIELDS are those shown in the table, in that order.
-KEY_FIELDS = ('activation', 'readout', 'O', 'vmap_axes', 'implementation',
-              'N', 'd', 'depth', 'width', 't', 'N_train', 'N_test')
-CASE_TEXT_FIELDS = ('activation', 'readout', 'implementation', 'O',
-                    'vmap_axes', 'N', 't', 'N_train', 'N_test')
+KEY_FIELDS = ('case', 'activation', 'readout', 'O', 'vmap_axes',
+              'implementation', 'N', 'batch_size', 'd', 'depth', 'width', 't',
+              'N_train', 'N_test')
+CASE_TEXT_FIELDS = ('case', 'activation', 'readout', 'implementation', 'O',
+                    'vmap_axes', 'N', 'batch_size', 't', 'N_train', 'N_test')
 OURS = 'ntkjax'
 
 

@@ -45,8 +45,10 @@ from typing import Callable, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
+import numpy as np
 
-from ntkjax import ode
+from ntkjax import _predict_iterative as iterative_predict
+from ntkjax import ode, solvers
 
 Axes = Union[int, Sequence[int]]
 Gaussian = collections.namedtuple('Gaussian', 'mean covariance')
@@ -109,8 +111,10 @@ class _Layout:
     `cols` defaults to the training outputs' non-traced shape; `rows`, if
     given, is checked too.
     """
-    k = jnp.asarray(k)
     m = len(self.kept)
+    if solvers.is_lazy(k):
+      return self._lazy_matrix(k, name, rows, cols)
+    k = jnp.asarray(k)
     expect_cols = (tuple(self.shape[a] for a in self.kept) if cols is None
                    else tuple(cols))
     rows_ok = k.ndim == 2 * m and (
@@ -125,6 +129,19 @@ class _Layout:
     k = jnp.transpose(k, tuple(range(0, 2 * m, 2)) + tuple(range(1, 2 * m, 2)))
     rows_shape = k.shape[:m]
     return k.reshape(math.prod(rows_shape), math.prod(k.shape[m:])), rows_shape
+
+  def _lazy_matrix(self, k, name: str, rows, cols):
+    """A stored (lazy) kernel is used as it is: (N1, N2) for outputs whose
+    other axes are all traced."""
+    expect = (tuple(rows) if rows is not None else (k.shape[0],)) + (
+        (self.shape[0],) if cols is None else tuple(cols))
+    if len(self.kept) != 1 or tuple(k.shape) != expect:
+      raise ValueError(
+          f'{self.who}: {name} is a stored kernel of shape {tuple(k.shape)}; '
+          f'for y_train of shape {self.shape} a stored kernel must be '
+          f'{expect}, with every output axis but the batch traced '
+          f'(trace_axes={tuple(range(1, self.ndim)) or "()"}).')
+    return k, (k.shape[0],)
 
   def zip_covariance(self, c, rows_shape):
     """(..., R, R) matrices -> zipped (..., r1, r1', r2, r2', ...)."""
@@ -153,22 +170,14 @@ def _regularized(k, diag_reg, absolute: bool):
 
 
 def _one_blas_thread(fn: Callable) -> Callable:
-  """Runs jitted `fn` with one BLAS/LAPACK thread (where threadpoolctl is
-  installed) and waits for its result.
-
-  jax's CPU LAPACK calls go to SciPy's OpenBLAS, whose threads spin while
-  waiting: on a 2-core machine with anything else running, a 1000 x 1000
-  Cholesky took 0.67 s with its default threads and 0.006 s with one (eigh:
-  3.4 s vs 0.07 s). Under an outer jit (tracers) it is called as is.
-  """
+  """Runs jitted `fn` with one BLAS/LAPACK thread (`solvers.one_blas_thread`:
+  OpenBLAS's spinning threads made jax's CPU LAPACK 10-50x slower on a busy
+  2-core machine) and waits for its result. Under an outer jit (tracers)
+  it is called as is."""
   def wrapped(*args):
     if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
       return fn(*args)
-    try:
-      import threadpoolctl
-    except ImportError:  # optional: without it, OpenBLAS decides
-      return fn(*args)
-    with threadpoolctl.threadpool_limits(1, user_api='blas'):
+    with solvers.one_blas_thread():
       return jax.block_until_ready(fn(*args))
   return wrapped
 
@@ -235,10 +244,21 @@ def _train_limit(chol, k, y, f0):
                       lambda: y)
 
 
-def _solver(k):
-  """b -> k^{-1} b, factorizing k once (see `_solve_factored`)."""
-  chol = _cholesky(k)
+def _solver(k, solver: str = 'cholesky'):
+  """b -> k^{-1} b, factorizing k once (see `_solve_factored`);
+  solver='eigh' takes the min-norm eigen-solve directly."""
+  chol = _cholesky(k) if solver != 'eigh' else jnp.full_like(k, jnp.nan)
   return lambda b: _solve_factored(chol, k, b)
+
+
+def _mul(a, b):
+  """a @ b, where `a` may be a stored (lazy) kernel and `b` an iterative
+  `System` (standing for its kernel K)."""
+  if isinstance(b, iterative_predict.System):
+    return jnp.asarray(b.op.matmul(np.asarray(a, np.float64).T).T)
+  if solvers.is_lazy(a):
+    return jnp.asarray(solvers.product(a, np.asarray(b)))
+  return a @ b
 
 
 def _expm1_over(evals, s):
@@ -266,13 +286,48 @@ class _Eigen:
 
 
 # ----------------------------------------------------------------------------
+# Choosing a solver.
+
+SOLVERS = ('auto', 'cholesky', 'eigh', 'cg')
+# 'auto': dense factorizations up to this size (a float64 Cholesky of
+# 8192 x 8192 takes seconds and 0.5 GB), conjugate gradients beyond.
+AUTO_DENSE_LIMIT = 8192
+
+
+def _iterative(solver, k, who: str):
+  """The `solvers.CG` settings if `solver` (for this kernel) means an
+  iterative solve, else None ('cholesky', 'eigh')."""
+  if isinstance(solver, solvers.CG):
+    return solver
+  if solver not in SOLVERS:
+    raise ValueError(f'{who}: solver={solver!r}; choose from {SOLVERS} or '
+                     'pass solvers.CG(...).')
+  lazy = solvers.is_lazy(k)
+  if lazy and solver in ('cholesky', 'eigh'):
+    raise ValueError(f"{who}: the kernel is stored on disk; solve it with "
+                     f"solver='cg' (solver={solver!r} would need it whole in "
+                     'memory).')
+  if solver == 'cg' or (solver == 'auto' and (
+      lazy or k.shape[0] > AUTO_DENSE_LIMIT)):
+    return solvers.CG()
+  return None
+
+
+def _check_nonnegative(who: str, **values):
+  for name, value in values.items():
+    if value is not None and not float(value) >= 0:
+      raise ValueError(f'{who}: {name} must be >= 0, got {value}.')
+
+
+# ----------------------------------------------------------------------------
 # Gradient descent on MSE, in closed form.
 
 
 def gradient_descent_mse(k_train_train, y_train, learning_rate: float = 1.,
                          diag_reg: float = 0.,
                          diag_reg_absolute_scale: bool = False,
-                         trace_axes: Axes = (-1,)) -> Callable:
+                         trace_axes: Axes = (-1,), *,
+                         solver='auto') -> Callable:
   """Outputs of a linearized network trained by gradient flow on MSE.
 
   Args:
@@ -285,6 +340,12 @@ def gradient_descent_mse(k_train_train, y_train, learning_rate: float = 1.,
     diag_reg_absolute_scale: True: add `diag_reg * I`; False: add
       `diag_reg * mean(diag(K)) * I`.
     trace_axes: output axes the kernel lacks (it acts as K (x) I on them).
+    solver: 'cholesky' (t = inf by Cholesky, finite t by eigendecomposition),
+      'eigh' (eigendecomposition for both), 'cg' (conjugate gradients for
+      t = inf, Lanczos for finite t: never a dense factorization; the
+      kernel may be stored on disk), 'auto' (dense up to
+      `AUTO_DENSE_LIMIT` examples, else 'cg'), or `solvers.CG(...)` with
+      settings (its `history` records each solve).
 
   Returns:
     `predict_fn(t=None, fx_train_0=0., fx_test_0=None, k_test_train=None)`
@@ -294,14 +355,24 @@ def gradient_descent_mse(k_train_train, y_train, learning_rate: float = 1.,
     the zipped layout between test and train outputs.
   """
   who = 'gradient_descent_mse'
+  _check_nonnegative(who, learning_rate=learning_rate, diag_reg=diag_reg)
   layout = _Layout(y_train, trace_axes, who)
   y_train = jnp.asarray(y_train)
   k, kept = layout.kernel_to_matrix(_field(k_train_train, 'ntk', who),
                                     'k_train_train')
+  iterative = _iterative(solver, k, who)
+  if iterative is not None:
+    return iterative_predict.gradient_descent_mse(
+        iterative, k, kept, layout, y_train, learning_rate, diag_reg,
+        diag_reg_absolute_scale,
+        lambda kt: layout.kernel_to_matrix(_field(kt, 'ntk', who),
+                                           'k_test_train'))
   k = _regularized(k, diag_reg, diag_reg_absolute_scale)
   y, _ = layout.outputs_to_matrix(y_train.astype(k.dtype))
   eigen = _Eigen(k)
   size = y_train.size
+  factor = _cholesky if solver != 'eigh' else (
+      lambda k: jnp.full_like(k, jnp.nan))   # 'eigh': the min-norm path
 
   def predict_fn(t=None, fx_train_0=0., fx_test_0=None, k_test_train=None):
     if fx_test_0 is not None and k_test_train is None:
@@ -314,7 +385,7 @@ def gradient_descent_mse(k_train_train, y_train, learning_rate: float = 1.,
       kt, rows = layout.kernel_to_matrix(_field(k_test_train, 'ntk', who),
                                          'k_test_train')
     if t is None:
-      chol = _cholesky(k)
+      chol = factor(k)
       train = _train_limit(chol, k, y, f0)
       if fx_test_0 is not None:
         test_delta = kt @ _solve_factored(chol, k, y - f0)
@@ -383,7 +454,7 @@ def _gets(get) -> tuple:
 
 def gp_inference(k_train_train, y_train, diag_reg: float = 0.,
                  diag_reg_absolute_scale: bool = False,
-                 trace_axes: Axes = (-1,)) -> Callable:
+                 trace_axes: Axes = (-1,), *, solver='auto') -> Callable:
   """Posterior of the NNGP, of the infinite NTK ensemble, and of the NTK-GP.
 
   With K the NNGP and Theta the NTK (train-train unstarred, test-train *):
@@ -397,8 +468,9 @@ def gp_inference(k_train_train, y_train, diag_reg: float = 0.,
     k_train_train: train-train kernel(s): an array, or an object with the
       `.nngp` / `.ntk` fields the requested `get` needs.
     y_train: targets (N, *rest).
-    diag_reg, diag_reg_absolute_scale, trace_axes: as in
-      `gradient_descent_mse`.
+    diag_reg, diag_reg_absolute_scale, trace_axes, solver: as in
+      `gradient_descent_mse` (with 'cg', covariances solve one system per
+      test point: at most `iterative_predict.MAX_COV_ROWS`).
 
   Returns:
     `predict_fn(get=None, k_test_train=None, k_test_test=None)`: for each
@@ -407,18 +479,26 @@ def gp_inference(k_train_train, y_train, diag_reg: float = 0.,
     means predictions on the training set, `N(y_train, 0)`.
   """
   who = 'gp_inference'
+  _check_nonnegative(who, diag_reg=diag_reg)
   layout = _Layout(y_train, trace_axes, who)
   y_train = jnp.asarray(y_train)
-  solvers, matrices = {}, {}
+  solves, matrices = {}, {}
 
   def matrix(name):
+    """(K or its iterative `System`, b -> (K + sigma I)^{-1} b)."""
     if name not in matrices:
       k, _ = layout.kernel_to_matrix(_field(k_train_train, name, who),
                                      f'k_train_train.{name}')
-      matrices[name] = k
-      solvers[name] = _solver(_regularized(k, diag_reg,
-                                           diag_reg_absolute_scale))
-    return matrices[name], solvers[name]
+      settings = _iterative(solver, k, who)
+      if settings is None:
+        matrices[name] = k
+        solves[name] = _solver(_regularized(k, diag_reg,
+                                            diag_reg_absolute_scale), solver)
+      else:
+        system = iterative_predict.System(settings, k, diag_reg,
+                                          diag_reg_absolute_scale)
+        matrices[name], solves[name] = system, system.solve
+    return matrices[name], solves[name]
 
   def predict_fn(get=None, k_test_train=None, k_test_test=None):
     values = {}
@@ -429,26 +509,28 @@ def gp_inference(k_train_train, y_train, diag_reg: float = 0.,
       if k_test_train is None:
         mean = layout.matrix_to_outputs(y, kept)
         cov = None if k_test_test is None else layout.zip_covariance(
-            jnp.zeros_like(k), kept)
+            jnp.zeros(k.shape, k.dtype), kept)
       else:
         kt, rows = layout.kernel_to_matrix(
             _field(k_test_train, name, who), f'k_test_train.{name}')
-        mean = layout.matrix_to_outputs(kt @ solve(y), rows)
+        mean = layout.matrix_to_outputs(_mul(kt, solve(y)), rows)
         cov = None
         if k_test_test is not None:
           prior = 'ntk' if g == 'ntkgp' else 'nngp'
           ktt, _ = layout.kernel_to_matrix(
               _field(k_test_test, prior, who), f'k_test_test.{prior}',
               rows=rows, cols=rows)
+          ktt, kt_t = iterative_predict.dense(ktt), iterative_predict.dense(
+              kt, who, covariance=isinstance(k, iterative_predict.System)).T
           if g in ('nngp', 'ntkgp'):
-            cov = ktt - kt @ solve(kt.T)
+            cov = ktt - _mul(kt, solve(kt_t))
           else:
             nngp, _ = matrix('nngp')
             nngp_t, _ = layout.kernel_to_matrix(
                 _field(k_test_train, 'nngp', who), 'k_test_train.nngp')
-            a = solve(kt.T).T                        # Theta_* Theta^{-1}
-            cross = a @ nngp_t.T
-            cov = ktt + a @ nngp @ a.T - cross - cross.T
+            a = solve(kt_t).T                        # Theta_* Theta^{-1}
+            cross = _mul(nngp_t, a.T).T
+            cov = ktt + _mul(a, nngp) @ a.T - cross - cross.T
           cov = layout.zip_covariance(cov, rows)
       values[g] = mean if cov is None else Gaussian(mean, cov)
     return _named(get if isinstance(get, str) else tuple(values), values)
@@ -463,7 +545,8 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train,
                                   learning_rate: float = 1.,
                                   diag_reg: float = 0.,
                                   diag_reg_absolute_scale: bool = False,
-                                  trace_axes: Axes = (-1,),
+                                  trace_axes: Axes = (-1,), *,
+                                  solver='auto',
                                   **kernel_fn_train_train_kwargs) -> Callable:
   """Mean and covariance over initializations of infinitely wide networks
   trained by gradient flow on MSE for time t (Lee et al. 2019, eqs. 15-17).
@@ -477,8 +560,9 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train,
   Args:
     kernel_fn: `kernel_fn(x1, x2, get, **kwargs)` of the architecture.
     x_train, y_train: training set.
-    learning_rate, diag_reg, diag_reg_absolute_scale, trace_axes: as in
-      `gradient_descent_mse`.
+    learning_rate, diag_reg, diag_reg_absolute_scale, trace_axes, solver:
+      as in `gradient_descent_mse` (with 'cg', `compute_cov` solves one
+      system per test point: at most `iterative_predict.MAX_COV_ROWS`).
     **kernel_fn_train_train_kwargs: passed to `kernel_fn` on the train set.
 
   Returns:
@@ -506,11 +590,17 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train,
     return cache['kernels']
 
   def dynamics(name):
-    """(eigenvalues, eigenvectors, solver) of the regularized kernel."""
+    """(eigendecomposition, solver) of the regularized kernel, or (None,
+    its iterative `System`)."""
     if name not in cache:
-      k = _regularized(train_kernels()[name], diag_reg,
-                       diag_reg_absolute_scale)
-      cache[name] = (_Eigen(k), _solver(k))
+      k = train_kernels()[name]
+      settings = _iterative(solver, k, who)
+      if settings is not None:
+        cache[name] = (None, iterative_predict.System(
+            settings, k, diag_reg, diag_reg_absolute_scale))
+      else:
+        k = _regularized(k, diag_reg, diag_reg_absolute_scale)
+        cache[name] = (_Eigen(k), _solver(k, solver))
     return cache[name]
 
   def predict_fn(t=None, x_test=None, get=None, compute_cov: bool = False,
@@ -539,7 +629,14 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train,
     for g in gets:
       eigen, solve = dynamics(g)
       kt = test_train[g]
-      if t is None:
+      if eigen is None:   # iterative: K_* f(K) products, no factorization
+        a, a2, mean = iterative_predict.ensemble_terms(
+            solve, kt, y, None if t is None else learning_rate * np.asarray(
+                t, np.float64) / size, compute_cov, g == 'nngp', who)
+        if not compute_cov:
+          values[g] = layout.matrix_to_outputs(mean, rows)
+          continue
+      elif t is None:
         a = solve(kt.T).T                                  # K_* K^{-1}
         a2 = a
       else:
@@ -553,7 +650,7 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train,
         a2 = (-jnp.einsum('rk,...k,nk->...rn', ktv,
                           _expm1_over(evals, 2 * s), evecs)
               if compute_cov and g == 'nngp' else None)
-      mean = layout.matrix_to_outputs(a @ y, rows)
+      mean = layout.matrix_to_outputs(a @ y.astype(a.dtype), rows)
       if not compute_cov:
         values[g] = mean
         continue
@@ -561,8 +658,8 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train,
         cov = test_test['nngp'] - a2 @ kt.T
       else:
         cross = a @ test_train['nngp'].T
-        cov = (test_test['nngp'] + a @ train['nngp'] @ jnp.swapaxes(a, -1, -2)
-               - cross - jnp.swapaxes(cross, -1, -2))
+        cov = (test_test['nngp'] + _mul(a, train['nngp'])
+               @ jnp.swapaxes(a, -1, -2) - cross - jnp.swapaxes(cross, -1, -2))
       values[g] = Gaussian(mean, layout.zip_covariance(cov, rows))
     return _named(get if isinstance(get, str) else tuple(values), values)
   return predict_fn

@@ -12,7 +12,6 @@ import jax
 
 jax.config.update('jax_enable_x64', True)
 
-import numpy as np  # noqa: E402
 
 import ntkjax  # noqa: E402
 import scale_cases  # noqa: E402

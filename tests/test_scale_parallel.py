@@ -44,7 +44,7 @@ def cluster():
   client has: see test_worker_precision_must_match)."""
   cluster = distributed.LocalCluster(
       n_workers=2, threads_per_worker=1, processes=True,
-      dashboard_address=None,
+      dashboard_address=':0',
       env={'JAX_ENABLE_X64': '1', 'JAX_PLATFORMS': 'cpu',
            'OPENBLAS_NUM_THREADS': '1'})
   yield cluster
@@ -165,7 +165,7 @@ def test_worker_precision_must_match(tmp_path):
   """A float64 kernel computed by workers without float64 raises a clear
   error instead of storing float32 values."""
   with distributed.LocalCluster(n_workers=1, threads_per_worker=1,
-                                processes=True, dashboard_address=None,
+                                processes=True, dashboard_address=':0',
                                 env={'JAX_ENABLE_X64': '0',
                                      'JAX_PLATFORMS': 'cpu'}) as cluster32, \
       distributed.Client(cluster32) as client:

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import itertools
 import re
 import zlib
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ntkjax.kernel import KERNEL_FIELDS
@@ -116,6 +116,16 @@ class FieldSpec:
   shape: tuple
   dtype: str
   swap: Optional[tuple] = None
+
+
+def optional_module(name: str, feature: str):
+  """Import an optional dependency of the `scale` extra, or say how to
+  install it."""
+  try:
+    return importlib.import_module(name)
+  except ImportError as e:
+    raise ImportError(f"{feature} needs {name}: pip install 'ntkjax[scale]'"
+                      ) from e
 
 
 def _padded(x: np.ndarray, start: int, stop: int, size: int) -> np.ndarray:

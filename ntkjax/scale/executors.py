@@ -25,13 +25,9 @@ import contextlib
 import sys
 import threading
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
-from ntkjax.scale.blocks import BlockJob
-
-
-class Interrupted(RuntimeError):
-  """Work stopped before every block was computed."""
+from ntkjax.scale.blocks import BlockJob, optional_module
 
 
 def progress_bar(total_entries: int, total_blocks: int, done_blocks: int,
@@ -39,7 +35,7 @@ def progress_bar(total_entries: int, total_blocks: int, done_blocks: int,
   """A tqdm bar counting kernel entries (entries per second, ETA), with
   blocks done / total beside it; shown after 1 s so that quick calls print
   nothing. On resume it starts at what was already done and says so."""
-  from tqdm.auto import tqdm
+  from tqdm import tqdm   # plain text (tqdm.auto warns in notebooks without ipywidgets)
   bar = tqdm(total=total_entries, initial=done_entries, unit=' entries',
              unit_scale=True, desc='kernel blocks', disable=not enabled,
              delay=1., dynamic_ncols=True,
@@ -122,19 +118,9 @@ def run_local(job: BlockJob, todo: Sequence[tuple], devices: Sequence,
   finally:
     pool.shutdown(wait=True)
   if errors:
-    (i, j), error = errors[0]
-    raise error
+    raise errors[0][1]
   if interrupted:
     raise KeyboardInterrupt
-
-
-def _dask():
-  try:
-    import distributed
-  except ImportError as e:  # an optional extra
-    raise ImportError("batch(client=...) needs Dask distributed: pip install "
-                      "'ntkjax[scale]'") from e
-  return distributed
 
 
 def _block_task(job: BlockJob, store, i: int, j: int):
@@ -153,7 +139,7 @@ def run_dask(job: BlockJob, todo: Sequence[tuple], client, store,
              retries: int = 2):
   """Compute the blocks `todo` as tasks of `client`; with a `store` the
   workers write them, else `sink((i, j), block)` receives each."""
-  distributed = _dask()
+  distributed = optional_module('distributed', 'batch(client=...)')
   job_future, = client.scatter([job], broadcast=True, hash=False)
   store_future = None
   if store is not None:

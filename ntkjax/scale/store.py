@@ -32,7 +32,8 @@ import math
 
 import numpy as np
 
-from ntkjax.scale.blocks import COLUMN, PAIR, ROW, BlockPlan, FieldSpec, checksum
+from ntkjax.scale.blocks import (COLUMN, PAIR, ROW, BlockPlan, FieldSpec,
+                                 checksum, optional_module)
 
 FORMAT = 1
 
@@ -42,12 +43,7 @@ class StoreMismatchError(ValueError):
 
 
 def zarr_module():
-  try:
-    import zarr
-  except ImportError as e:  # an optional extra
-    raise ImportError("batch(store=...) needs zarr: pip install "
-                      "'ntkjax[scale]'") from e
-  return zarr
+  return optional_module('zarr', 'batch(store=...)')
 
 
 def _describe(store) -> str:
