@@ -26,34 +26,37 @@ x1 of _common.make_inputs), get='ntk'.
    separately). "In memory" is the same 55 blocks computed by
    `jax.jit(kernel_fn, static_argnames='get')` in this process (x2=None on
    diagonal blocks, as batch does), results discarded after
-   `block_until_ready`, warm (both block shapes compiled first). The two
-   alternate R times (R = 3); medians. Goals: peak RSS < 2 GB (2e9 bytes)
-   and store_seconds <= 1.2 x memory_seconds.
+   `block_until_ready`, warm (both block shapes compiled first). R = 3
+   repeats of (in-memory pass, store run). Goals: peak RSS < 2 GB (2e9
+   bytes) and store / in-memory <= 1.2.
    Floors: the blocks' GEMMs are 55 x 2 B^2 d = 1.38 TFLOP (the elementwise
-   layers add O(entries)); the store must write 55 x 64 MB = 3.5 GB, so with
-   writes overlapping compute it can be no faster than max(compute, write).
-   The same run writes those bytes raw (`ndarray.tofile` of one 64 MB block,
-   55 times, no fsync, into the same temporary directory) to show the
-   machine's write floor (`raw_write_seconds`).
+   layers add O(entries)); the store must write 55 x 64 MB = 3.5 GB, and on
+   a machine whose cores XLA already keeps busy, the CPU that writing takes
+   (copies into the page cache, checksums, encoding) comes out of the
+   compute's. The same run writes those bytes raw (`ndarray.tofile` of one
+   64 MB block, 55 times, no fsync, into the same temporary directory:
+   `raw_write_seconds`), and reports the CPU seconds of the in-memory pass
+   and of the store run (all threads).
    The child also records where the time went (its own wrappers around
    BlockJob.compute, KernelStore.write/done/__init__, the checksum, and
    jax.monitoring's compile events; nothing in ntkjax is changed): setup
-   before the first block, compute seconds (summed over blocks, compiles
-   excluded, to compare with the in-memory pass), write and checksum seconds
-   (in writer threads, overlapping compute), and the tail after the last
-   block. Entries of the stored kernel straddling blocks (below the
-   diagonal too) are checked against the jitted kernel_fn.
+   before the first block, compute seconds (summed over blocks, the first
+   block of each shape compiles), write and checksum seconds (in writer
+   threads, overlapping compute), and the tail after the last block.
+   Entries of the stored kernel straddling blocks (below the diagonal too)
+   are checked against the jitted kernel_fn.
 
 2. symmetric: N = 8000, B = 1000, in memory
    (`ntkjax.batch(kernel_fn, 1000, store_on_device=False, progress=False)`):
    x2=None (36 blocks of an 8 x 8 grid) against x2=x.copy() (all 64), one
-   warm-up call each, then R = 5 alternating timed calls; medians. Goal:
-   ratio sym / full <= 0.55. Floor: if a diagonal block costs what an
-   off-diagonal one does, the ratio is at least 36 / 64 = 0.5625 (block
-   count); reported as `block_count_floor`. Also reported: the same blocks
-   through a warm jitted kernel_fn alone (`blocks_ratio`: what the kernels
-   themselves cost, without batch's per-call work) and the compile seconds
-   per call (jax.monitoring), since every `batch(...)` call compiles anew.
+   warm-up call each, then R = 5 repeats of (x2=None call, x2=x.copy()
+   call). Goal: x2=None / x2=x.copy() <= 0.55. Floor: if a diagonal block
+   costs what an off-diagonal one does, the ratio is at least 36 / 64 =
+   0.5625 (`block_count_floor`). Also reported: the same blocks through a
+   warm jitted kernel_fn alone (`blocks_ratio`: what the kernels themselves
+   cost, without batch's per-call work) and the tracing + compile seconds
+   per call (jax.monitoring): every `batch(...)` call compiles anew, so the
+   warm-up call does not spare the timed ones their compilation.
 
 3. dask_scaling: CNN blocks, stax.serial(Conv(32, (3, 3), SAME), Relu(),
    Conv(32, (3, 3), SAME), Relu(), GlobalAvgPool(), Dense(1)), x1 and x2 two
@@ -61,28 +64,36 @@ x1 of _common.make_inputs), get='ntk'.
    given so all 64 blocks are computed, get='ntk', no store, results
    assembled in the client. `distributed.LocalCluster(n_workers=W,
    threads_per_worker=1, processes=True, env=...)` for W = 1 and W = 2,
-   both clusters up at once; env (passed through to each worker's Nanny,
-   checked with client.run) makes XLA and BLAS single-threaded in the
-   workers before jax is imported there: XLA_FLAGS=
+   both clusters up at once; env (passed on to each worker's Nanny; what the
+   workers see is recorded, from client.run) makes XLA and BLAS
+   single-threaded in the workers before jax starts there: XLA_FLAGS=
    --xla_cpu_multi_thread_eigen=false, OMP/OPENBLAS/MKL_NUM_THREADS=1. Each
    worker's CPU seconds per second of a timed call are reported
    (`worker_cores_max`: <= ~1 confirms one thread). One untimed call per
-   cluster (imports, first compile), then R = 5 alternating timed calls;
-   medians. Goal: speed-up t(W=1) / t(W=2) >= 1.7. Floor: 2 on two workers,
-   less the serial part of a call (client-side setup, the compile every
-   worker pays on every call, Dask's per-task overhead). For comparison the
-   same blocks are also run as plain Dask tasks with a jitted kernel_fn
-   cached on each worker (`raw_dask_*`: the scaling Dask itself allows on
-   this machine).
+   cluster (imports, first compile), then R = 5 repeats of (W = 1 call,
+   W = 2 call). Goal: speed-up t(W=1) / t(W=2) >= 1.7. Floor: 2 on two
+   workers, less the serial part of a call (client-side setup, the tracing
+   and compilation every worker repeats on every call, Dask's per-task
+   overhead). For comparison the same blocks also run as plain Dask tasks
+   with a jitted kernel_fn kept on each worker between calls (`raw_dask_*`:
+   the scaling Dask itself allows on this machine). Each call runs with its
+   client made the current one (`client.as_current()`): batch's Dask
+   executor calls `distributed.as_completed` without `loop=`, which needs a
+   default client.
 
-Each case waits (up to 2 min) for other processes to go quiet first, and
-reports `other_cores` (cores other processes kept busy while it ran; see
-_watch.py): on a 2-core machine shared with other work, timings and the
-speed-up suffer when it is well above 0.
+Ratios. Every repeat waits (up to 60 s) for other processes to go quiet,
+then times its pair back to back; the goal is judged on the median of the
+per-repeat ratios (`*_per_repeat`), which is robust to load that comes and
+goes between repeats; the ratio of the medians is reported too. Each repeat
+records `other_cores` (cores other processes kept busy meanwhile; see
+_watch.py): on this 2-core machine, timings, ratios and above all the Dask
+speed-up suffer when it is well above 0. `*_quiet` numbers are medians over
+the repeats with other_cores < 0.3 (None if there were none).
 
 Output: benchmarks/results/scale_<backend>.json (scale_<backend>_quick.json
 for --quick): machine info, ntkjax's git state, and one record per case with
-its numbers, `goal`, `goal_met` and a `status` stating the verdict.
+its numbers, `goal`, `goal_value`, `goal_met` and a `status` stating the
+verdict (shown in the README table).
 
 Usage:
     python benchmarks/bench_scale.py                  # full sizes (~10 min)
@@ -136,10 +147,10 @@ STORE_RATIO_GOAL, SYM_RATIO_GOAL, SPEEDUP_GOAL = 1.2, 0.55, 1.7
 WORKER_ENV = {'XLA_FLAGS': '--xla_cpu_multi_thread_eigen=false',
               'OMP_NUM_THREADS': '1', 'OPENBLAS_NUM_THREADS': '1',
               'MKL_NUM_THREADS': '1'}
-QUIET_CORES, QUIET_WAIT_SECONDS = 0.3, 120
+QUIET_CORES, QUIET_WAIT_SECONDS = 0.3, 60
 CHILD_TIMEOUT_SECONDS, CHILD_RSS_LIMIT_GB, MIN_AVAILABLE_GIB = 1800, 8., 1.5
 COLUMNS = ('case', 'N', 'batch_size', 'kernel_seconds_median', 'goal_value',
-           'goal_met', 'peak_rss_mib', 'other_cores')
+           'goal_met', 'peak_rss_mib', 'other_cores_max')
 
 
 def fc_kernel_fn():
@@ -170,26 +181,46 @@ def upper_blocks(n: int, size: int) -> list:
   return [(i, j) for i in range(grid) for j in range(i, grid)]
 
 
-def median(values) -> float:
-  return statistics.median(values)
+def median(values):
+  values = list(values)
+  return statistics.median(values) if values else None
 
 
 def rounded(value, digits: int = 4):
   return None if value is None else round(float(value), digits)
 
 
+def rounded_list(values, digits: int = 4) -> list:
+  return [rounded(v, digits) for v in values]
+
+
 class OtherLoad:
   """Cores other processes keep busy from now until `cores()` (see
-  _watch.py). Our own child processes count once reaped (Dask workers: once
-  their cluster is closed), so call it after that."""
+  _watch.py). Our own child processes count as ours once reaped; for live
+  ones (Dask workers) pass their CPU seconds as `ours`."""
 
   def __init__(self):
     self.start = _watch._other_cpu()
     self.wall = time.perf_counter()
 
-  def cores(self) -> float:
+  def cores(self, ours: float = 0.) -> float:
     wall = time.perf_counter() - self.wall
-    return round(max(0., _watch._other_cpu() - self.start) / wall, 2)
+    return round(max(0., _watch._other_cpu() - self.start - ours) / wall, 2)
+
+
+def quiet_wait() -> float:
+  """Wait (up to QUIET_WAIT_SECONDS) for other processes to go quiet."""
+  return _watch.wait_quiet(QUIET_CORES, QUIET_WAIT_SECONDS)
+
+
+def paired(numerators, denominators, other_cores) -> dict:
+  """Per-repeat ratios, their median, the ratio of medians, and the median
+  ratio over quiet repeats."""
+  ratios = [a / b for a, b in zip(numerators, denominators)]
+  quiet = [r for r, o in zip(ratios, other_cores) if o < QUIET_CORES]
+  return {'per_repeat': rounded_list(ratios), 'median': median(ratios),
+          'of_medians': median(numerators) / median(denominators),
+          'quiet': median(quiet), 'quiet_repeats': len(quiet)}
 
 
 def cpu_times() -> tuple:
@@ -226,6 +257,13 @@ def git_state() -> dict:
                                      'ntkjax'))}
   except OSError:
     return {'ntkjax_commit': None, 'ntkjax_dirty': None}
+
+
+def verdict(met: bool, text: str, quiet=None, quiet_repeats: int = 0) -> str:
+  """The record's status line."""
+  if quiet is not None and quiet_repeats:
+    text += f'; quiet repeats only ({quiet_repeats}): {quiet:.3g}'
+  return f'goal {"met" if met else "missed"}: {text}'
 
 
 def spot_boxes(n: int, size: int) -> list:
@@ -286,7 +324,7 @@ def store_child(n: int, size: int, directory: str) -> dict:
   spans = lambda key: [b - a for a, b in log[key]]
   computes = sorted(log['compute'])
   first_compute, last_compute = computes[0][0], max(b for _, b in computes)
-  compute = spans('compute')
+  compute = [b - a for a, b in computes]
   stored_bytes = sum(os.path.getsize(os.path.join(root, f))
                      for root, _, files in os.walk(path) for f in files)
   boxes = [np.asarray(kernel[r0:r1, c0:c1]).tolist()
@@ -317,25 +355,29 @@ def store_child(n: int, size: int, directory: str) -> dict:
   }
 
 
-def raw_write_seconds(directory: str, count: int, size: int) -> float:
-  """Write `count` float32 size x size blocks raw (no fsync); seconds."""
+def raw_write_seconds(directory: str, count: int, size: int) -> tuple:
+  """Write `count` float32 size x size blocks raw (no fsync).
+
+  Returns:
+    (wall seconds, CPU seconds of this process).
+  """
   block = np.random.default_rng(1).standard_normal((size, size),
                                                    dtype=np.float32)
   path = os.path.join(directory, 'raw')
   os.makedirs(path)
+  cpu0 = sum(cpu_times())
   start = time.perf_counter()
   for k in range(count):
     block.tofile(os.path.join(path, f'{k}.bin'))
   seconds = time.perf_counter() - start
+  cpu = sum(cpu_times()) - cpu0
   shutil.rmtree(path)
-  return seconds
+  return seconds, cpu
 
 
 def out_of_core(n: int, size: int, repeats: int) -> dict:
   """Case 1 (see the module docstring)."""
   assert n % size == 0, 'N must be a multiple of the batch size'
-  waited = _watch.wait_quiet(QUIET_CORES, QUIET_WAIT_SECONDS)
-  load = OtherLoad()
   x = inputs(n, (D,))
   f = jax.jit(fc_kernel_fn(), static_argnames='get')
   blocks = upper_blocks(n, size)
@@ -349,29 +391,28 @@ def out_of_core(n: int, size: int, repeats: int) -> dict:
   jax.block_until_ready(block(0, 1))   # both block shapes compiled
   warmup = time.perf_counter() - start
 
-  memory_cpu = []
-
-  def memory_pass():
-    cpu0 = cpu_times()
+  def memory_pass() -> tuple:
+    cpu0 = sum(cpu_times())
     begin = time.perf_counter()
     for i, j in blocks:
       jax.block_until_ready(block(i, j))
-    seconds = time.perf_counter() - begin
-    memory_cpu.append(sum(cpu_times()) - sum(cpu0))
-    return seconds
+    return time.perf_counter() - begin, sum(cpu_times()) - cpu0
 
-  memory, runs, failures = [], [], []
-  raw_write = None
+  memory, memory_cpu, runs, other, waited, failures = [], [], [], [], [], []
+  raw_write = (None, None)
   for r in range(repeats):
-    memory.append(memory_pass())
+    waited.append(quiet_wait())
+    load = OtherLoad()
+    seconds, cpu = memory_pass()
     directory = tempfile.mkdtemp(prefix='ntkjax_bench_scale_', dir='/tmp')
     try:
-      if r == 0:
-        raw_write = raw_write_seconds(directory, len(blocks), size)
       result = _watch.run(
           [sys.executable, os.path.abspath(__file__), '--store-child', str(n),
            str(size), directory], CHILD_TIMEOUT_SECONDS, CHILD_RSS_LIMIT_GB,
           MIN_AVAILABLE_GIB)
+      repeat_other = load.cores()
+      if r == 0:
+        raw_write = raw_write_seconds(directory, len(blocks), size)
     finally:
       shutil.rmtree(directory, ignore_errors=True)
     lines = [l for l in result['stdout'].splitlines() if l.startswith('{')]
@@ -380,23 +421,29 @@ def out_of_core(n: int, size: int, repeats: int) -> dict:
       failures.append(result['killed'] or
                       f'failed (exit {result["returncode"]}): {tail}')
       continue
+    memory.append(seconds)
+    memory_cpu.append(cpu)
+    other.append(repeat_other)
     runs.append(dict(json.loads(lines[-1]),
                      child_wall_seconds=result['wall_seconds']))
-    print(f'  out_of_core repeat {r}: memory {memory[-1]:.2f} s, store '
+    print(f'  out_of_core repeat {r}: memory {seconds:.2f} s, store '
           f'{runs[-1]["store_seconds"]:.2f} s, peak RSS '
-          f'{runs[-1]["peak_rss_mib"]:.0f} MiB', flush=True)
+          f'{runs[-1]["peak_rss_mib"]:.0f} MiB, other processes '
+          f'{repeat_other} cores', flush=True)
 
   record = {'case': 'out_of_core', 'N': n, 'batch_size': size, 'd': D,
             'get': 'ntk', 'blocks': len(blocks), 'repeats': repeats,
-            'goal': GOALS['out_of_core'], 'quiet_wait_seconds': waited,
-            'memory_warmup_seconds': rounded(warmup),
-            'memory_seconds': [rounded(t) for t in memory],
-            'memory_seconds_median': rounded(median(memory))}
+            'goal': GOALS['out_of_core'],
+            'quiet_wait_seconds': waited,
+            'memory_warmup_seconds': rounded(warmup)}
   if not runs:
-    record.update(status='; '.join(failures), goal_met=None,
-                  other_cores=load.cores())
+    record.update(status='; '.join(failures), goal_met=None)
     return record
   store = [r['store_seconds'] for r in runs]
+  ratio = paired(store, memory, other)
+  # ... and counting the in-memory pass's compilation too (each store run
+  # is cold: it compiles in its own process).
+  ratio_cold = median(s / (m + warmup) for s, m in zip(store, memory))
   # The reported breakdown is that of the run closest to the median.
   typical = min(runs, key=lambda r: abs(r['store_seconds'] - median(store)))
   expected = [np.asarray(f(x[r0:r1], x[c0:c1], get='ntk'))
@@ -405,36 +452,37 @@ def out_of_core(n: int, size: int, repeats: int) -> dict:
       float(np.max(np.abs(np.asarray(got) - want) / np.abs(want).max()))
       for run in runs for got, want in zip(run['spot_boxes'], expected))
   peak = max(r['peak_rss_mib'] for r in runs)
-  ratio = median(store) / median(memory)
-  ratio_cold = median(store) / (median(memory) + warmup)
   rss_ok = peak * 1024**2 < RSS_GOAL_BYTES
-  met = rss_ok and ratio <= STORE_RATIO_GOAL
-  breakdown = {k: rounded(v) if isinstance(v, float) else v
-               for k, v in typical.items() if k != 'spot_boxes'}
+  met = rss_ok and ratio['median'] <= STORE_RATIO_GOAL
+  store_cpu = [r['cpu_user_seconds'] + r['cpu_system_seconds'] for r in runs]
   record.update(
       kernel_seconds_median=rounded(median(store)),
-      store_seconds=[rounded(t) for t in store],
+      memory_seconds=rounded_list(memory),
+      memory_seconds_median=rounded(median(memory)),
+      store_seconds=rounded_list(store),
       store_seconds_median=rounded(median(store)),
-      ratio_store_to_memory=rounded(ratio),
-      # Counting the in-memory pass's compilation too (the store run is
-      # cold: it compiles in its own process).
+      ratio_store_to_memory_per_repeat=ratio['per_repeat'],
+      ratio_store_to_memory=rounded(ratio['median']),
+      ratio_store_to_memory_of_medians=rounded(ratio['of_medians']),
+      ratio_store_to_memory_quiet=rounded(ratio['quiet']),
       ratio_store_to_memory_plus_compile=rounded(ratio_cold),
-      goal_met_counting_compile=rss_ok and ratio_cold <= STORE_RATIO_GOAL,
       peak_rss_mib=peak, peak_rss_gb=round(peak * 1024**2 / 1e9, 3),
-      goal_value=rounded(ratio, 3), goal_met=met,
-      status=(f'goal {"met" if met else "missed"}: peak RSS '
-              f'{peak * 1024**2 / 1e9:.2f} GB {"<" if rss_ok else ">="} 2 GB, '
-              f'store / in-memory {ratio:.3g} '
-              f'{"<=" if ratio <= STORE_RATIO_GOAL else ">"} '
-              f'{STORE_RATIO_GOAL}'),
-      memory_cpu_seconds_median=rounded(median(memory_cpu)),
-      store_cpu_seconds_median=rounded(median(
-          [r['cpu_user_seconds'] + r['cpu_system_seconds'] for r in runs])),
-      raw_write_seconds=rounded(raw_write),
+      goal_value=rounded(ratio['median'], 3), goal_met=met,
+      status=verdict(
+          met, f'peak RSS {peak * 1024**2 / 1e9:.2f} GB '
+          f'{"<" if rss_ok else ">="} 2 GB, store / in-memory '
+          f'{ratio["median"]:.3g} '
+          f'{"<=" if ratio["median"] <= STORE_RATIO_GOAL else ">"} '
+          f'{STORE_RATIO_GOAL}', ratio['quiet'], ratio['quiet_repeats']),
+      memory_cpu_seconds=rounded_list(memory_cpu),
+      store_cpu_seconds=rounded_list(store_cpu),
+      raw_write_seconds=rounded(raw_write[0]),
+      raw_write_cpu_seconds=rounded(raw_write[1]),
       raw_write_bytes=len(blocks) * size * size * 4,
       spot_check_max_relative_error=spot_error,
-      store_run=breakdown,
-      other_cores=load.cores())
+      store_run={k: rounded(v) if isinstance(v, float) else v
+                 for k, v in typical.items() if k != 'spot_boxes'},
+      other_cores=other, other_cores_max=max(other))
   if failures:
     record['failed_repeats'] = failures
   return record
@@ -447,8 +495,6 @@ def out_of_core(n: int, size: int, repeats: int) -> dict:
 def symmetric(n: int, size: int, repeats: int) -> dict:
   """Case 2 (see the module docstring)."""
   assert n % size == 0, 'N must be a multiple of the batch size'
-  waited = _watch.wait_quiet(QUIET_CORES, QUIET_WAIT_SECONDS)
-  load = OtherLoad()
   x = inputs(n, (D,))
   x2 = x.copy()
   kernel_fn = fc_kernel_fn()
@@ -461,53 +507,59 @@ def symmetric(n: int, size: int, repeats: int) -> dict:
   rel = float(np.max(np.abs(results['sym'] - results['full'])) /
               np.max(np.abs(results['full'])))
   del results
-  times = {name: [] for name in calls}
-  compile_per_call = {name: [] for name in calls}
-  for _ in range(repeats):
-    for name, call in calls.items():
-      before = compile_seconds(compiles)
-      start = time.perf_counter()
-      call()
-      times[name].append(time.perf_counter() - start)
-      compile_per_call[name].append(compile_seconds(compiles) - before)
 
   # The same blocks through a warm jitted kernel_fn, nothing else.
   f = jax.jit(kernel_fn, static_argnames='get')
-  sl = lambda k: x[k * size:(k + 1) * size]
   grid = n // size
   sym_blocks = upper_blocks(n, size)
   full_blocks = [(i, j) for i in range(grid) for j in range(grid)]
+  sl = lambda a, k: a[k * size:(k + 1) * size]
 
   def blocks_pass(blocks, mirror):
     """mirror: x2=None on diagonal blocks (as batch does for x2=None);
     else every block against x2."""
     begin = time.perf_counter()
     for i, j in blocks:
-      xj = (None if i == j else sl(j)) if mirror else x2[j * size:
-                                                         (j + 1) * size]
-      jax.block_until_ready(f(sl(i), xj, get='ntk'))
+      xj = (None if i == j else sl(x, j)) if mirror else sl(x2, j)
+      jax.block_until_ready(f(sl(x, i), xj, get='ntk'))
     return time.perf_counter() - begin
   blocks_pass(sym_blocks[:2], True)    # compile both shapes
   blocks_pass(full_blocks[:1], False)
+
+  times = {name: [] for name in calls}
+  compile_per_call = {name: [] for name in calls}
   block_times = {'sym': [], 'full': []}
+  other, waited = [], []
   for _ in range(repeats):
+    waited.append(quiet_wait())
+    load = OtherLoad()
+    for name, call in calls.items():
+      before = compile_seconds(compiles)
+      start = time.perf_counter()
+      call()
+      times[name].append(time.perf_counter() - start)
+      compile_per_call[name].append(compile_seconds(compiles) - before)
     block_times['sym'].append(blocks_pass(sym_blocks, True))
     block_times['full'].append(blocks_pass(full_blocks, False))
+    other.append(load.cores())
 
-  ratio = median(times['sym']) / median(times['full'])
-  blocks_ratio = median(block_times['sym']) / median(block_times['full'])
+  ratio = paired(times['sym'], times['full'], other)
+  blocks_ratio = paired(block_times['sym'], block_times['full'], other)
   floor = len(sym_blocks) / len(full_blocks)
-  met = ratio <= SYM_RATIO_GOAL
+  met = ratio['median'] <= SYM_RATIO_GOAL
   return {
       'case': 'symmetric', 'N': n, 'batch_size': size, 'd': D, 'get': 'ntk',
       'repeats': repeats, 'goal': GOALS['symmetric'],
       'quiet_wait_seconds': waited,
       'kernel_seconds_median': rounded(median(times['sym'])),
-      'sym_seconds': [rounded(t) for t in times['sym']],
-      'full_seconds': [rounded(t) for t in times['full']],
+      'sym_seconds': rounded_list(times['sym']),
+      'full_seconds': rounded_list(times['full']),
       'sym_seconds_median': rounded(median(times['sym'])),
       'full_seconds_median': rounded(median(times['full'])),
-      'ratio_sym_to_full': rounded(ratio),
+      'ratio_sym_to_full_per_repeat': ratio['per_repeat'],
+      'ratio_sym_to_full': rounded(ratio['median']),
+      'ratio_sym_to_full_of_medians': rounded(ratio['of_medians']),
+      'ratio_sym_to_full_quiet': rounded(ratio['quiet']),
       'sym_blocks': len(sym_blocks), 'full_blocks': len(full_blocks),
       'block_count_floor': rounded(floor),
       'compile_seconds_per_call_sym': rounded(median(compile_per_call['sym'])),
@@ -515,14 +567,16 @@ def symmetric(n: int, size: int, repeats: int) -> dict:
           median(compile_per_call['full'])),
       'blocks_only_sym_seconds_median': rounded(median(block_times['sym'])),
       'blocks_only_full_seconds_median': rounded(median(block_times['full'])),
-      'blocks_ratio': rounded(blocks_ratio),
+      'blocks_ratio': rounded(blocks_ratio['median']),
+      'blocks_ratio_quiet': rounded(blocks_ratio['quiet']),
       'sym_vs_full_max_relative_difference': rel,
-      'goal_value': rounded(ratio, 3), 'goal_met': met,
-      'status': (f'goal {"met" if met else "missed"}: x2=None / x2=x.copy() '
-                 f'{ratio:.3g} {"<=" if met else ">"} {SYM_RATIO_GOAL} '
-                 f'(block-count floor {floor:.3g})'),
+      'goal_value': rounded(ratio['median'], 3), 'goal_met': met,
+      'status': verdict(
+          met, f'x2=None / x2=x.copy() {ratio["median"]:.3g} '
+          f'{"<=" if met else ">"} {SYM_RATIO_GOAL} (block-count floor '
+          f'{floor:.3g})', ratio['quiet'], ratio['quiet_repeats']),
       'peak_rss_mib': _common.peak_rss_mib(),
-      'other_cores': load.cores(),
+      'other_cores': other, 'other_cores_max': max(other),
   }
 
 
@@ -531,8 +585,8 @@ def symmetric(n: int, size: int, repeats: int) -> dict:
 
 
 def _worker_setup(dask_worker):
-  """On a worker: sum jax compile events; report env and threads."""
-  import jax as wjax  # noqa: F401 (imported here, after the env is set)
+  """On a worker: sum jax compile events; report the env it sees."""
+  import jax as wjax
   totals = {}
 
   def listen(event, duration, **_):
@@ -544,8 +598,8 @@ def _worker_setup(dask_worker):
 
 def _worker_counters(dask_worker):
   """On a worker: (CPU seconds, compile seconds) so far."""
-  import resource
-  usage = resource.getrusage(resource.RUSAGE_SELF)
+  import resource as wresource
+  usage = wresource.getrusage(wresource.RUSAGE_SELF)
   totals = getattr(dask_worker, 'bench_compile_totals', {})
   return (usage.ru_utime + usage.ru_stime,
           sum(v for k, v in totals.items()
@@ -569,8 +623,6 @@ def dask_scaling(n: int, size: int, repeats: int) -> dict:
   from distributed import Client, LocalCluster
   assert n % size == 0, 'N must be a multiple of the batch size'
   logging.getLogger('distributed').setLevel(logging.ERROR)
-  waited = _watch.wait_quiet(QUIET_CORES, QUIET_WAIT_SECONDS)
-  load = OtherLoad()
   x1, x2 = inputs(n, (8, 8, 1), count=2)
   kernel_fn = cnn_kernel_fn()
   grid = n // size
@@ -586,50 +638,57 @@ def dask_scaling(n: int, size: int, repeats: int) -> dict:
     batched = {w: ntkjax.batch(kernel_fn, size, client=clients[w],
                                store_on_device=False, progress=False)
                for w in clients}
-
-    def counters(w):
-      values = clients[w].run(_worker_counters).values()
-      return [v[0] for v in values], [v[1] for v in values]
-
-    def call(w):
-      # batch's Dask executor finds its event loop through Dask's *default*
-      # client (distributed.as_completed without loop=), so each call runs
-      # with its client made the current one.
-      with clients[w].as_current():
-        return batched[w](x1, x2, 'ntk')
-
-    results = {w: call(w) for w in clients}   # warm-up
-    times = {w: [] for w in clients}
-    cores = {w: [] for w in clients}
-    compile_per_call = {w: [] for w in clients}
-    for _ in range(repeats):
-      for w in clients:
-        cpu0, comp0 = counters(w)
-        start = time.perf_counter()
-        call(w)
-        wall = time.perf_counter() - start
-        cpu1, comp1 = counters(w)
-        times[w].append(wall)
-        cores[w].append(max((b - a) / wall for a, b in zip(cpu0, cpu1)))
-        compile_per_call[w].append(max(b - a for a, b in zip(comp0, comp1)))
-
-    # Plain Dask tasks, a jitted function cached on each worker.
-    raw = {w: [] for w in clients}
     futures_x = {w: clients[w].scatter([x1, x2], broadcast=True)
                  for w in clients}
 
-    def raw_pass(w):
+    def call(w):
+      with clients[w].as_current():   # see the module docstring
+        return batched[w](x1, x2, 'ntk')
+
+    def raw_call(w):
       a, b = futures_x[w]
-      begin = time.perf_counter()
-      futures = [clients[w].submit(_raw_block, a, b, i, j, size, pure=False)
-                 for i in range(grid) for j in range(grid)]
-      clients[w].gather(futures)
-      return time.perf_counter() - begin
+      clients[w].gather([
+          clients[w].submit(_raw_block, a, b, i, j, size, pure=False)
+          for i in range(grid) for j in range(grid)])
+
+    def counters(w):
+      values = list(clients[w].run(_worker_counters).values())
+      return [v[0] for v in values], [v[1] for v in values]
+
+    def timed(w, fn) -> tuple:
+      """(seconds, busiest worker's cores, its compile seconds, workers'
+      CPU seconds) of one call."""
+      cpu0, comp0 = counters(w)
+      start = time.perf_counter()
+      fn(w)
+      wall = time.perf_counter() - start
+      cpu1, comp1 = counters(w)
+      used = [b - a for a, b in zip(cpu0, cpu1)]
+      return (wall, max(used) / wall,
+              max(b - a for a, b in zip(comp0, comp1)), sum(used))
+
+    results = {w: call(w) for w in clients}   # warm-up
     for w in clients:
-      raw_pass(w)   # warm-up: compiles once per worker
+      raw_call(w)   # warm-up: compiles once per worker, kept
+    times, raw = {1: [], 2: []}, {1: [], 2: []}
+    cores, compile_per_call = {1: [], 2: []}, {1: [], 2: []}
+    other, other_raw, waited = [], [], []
     for _ in range(repeats):
+      waited.append(quiet_wait())
+      load, ours = OtherLoad(), 0.
       for w in clients:
-        raw[w].append(raw_pass(w))
+        wall, busiest, compiled, used = timed(w, call)
+        times[w].append(wall)
+        cores[w].append(busiest)
+        compile_per_call[w].append(compiled)
+        ours += used
+      other.append(load.cores(ours))
+      load, ours = OtherLoad(), 0.
+      for w in clients:
+        wall, _, _, used = timed(w, raw_call)
+        raw[w].append(wall)
+        ours += used
+      other_raw.append(load.cores(ours))
   finally:
     for client in clients.values():
       client.close()
@@ -646,9 +705,9 @@ def dask_scaling(n: int, size: int, repeats: int) -> dict:
       part = got[i * size:(i + 1) * size, j * size:(j + 1) * size]
       error = max(error, float(np.max(np.abs(part - want)) /
                                np.max(np.abs(want))))
-  speedup = median(times[1]) / median(times[2])
-  raw_speedup = median(raw[1]) / median(raw[2])
-  met = speedup >= SPEEDUP_GOAL
+  speedup = paired(times[1], times[2], other)
+  raw_speedup = paired(raw[1], raw[2], other_raw)
+  met = speedup['median'] >= SPEEDUP_GOAL
   return {
       'case': 'dask_scaling', 'N': n, 'batch_size': size,
       'input_shape': [8, 8, 1], 'get': 'ntk', 'blocks': grid * grid,
@@ -656,11 +715,14 @@ def dask_scaling(n: int, size: int, repeats: int) -> dict:
       'quiet_wait_seconds': waited, 'worker_env': WORKER_ENV,
       'worker_env_seen': {str(w): v for w, v in env_seen.items()},
       'kernel_seconds_median': rounded(median(times[2])),
-      'seconds_1_worker': [rounded(t) for t in times[1]],
-      'seconds_2_workers': [rounded(t) for t in times[2]],
+      'seconds_1_worker': rounded_list(times[1]),
+      'seconds_2_workers': rounded_list(times[2]),
       'seconds_median_1_worker': rounded(median(times[1])),
       'seconds_median_2_workers': rounded(median(times[2])),
-      'speedup': rounded(speedup),
+      'speedup_per_repeat': speedup['per_repeat'],
+      'speedup': rounded(speedup['median']),
+      'speedup_of_medians': rounded(speedup['of_medians']),
+      'speedup_quiet': rounded(speedup['quiet']),
       # CPU seconds per wall second of the busiest worker of a timed call.
       'worker_cores_max': rounded(max(max(c) for c in cores.values()), 3),
       'worker_compile_seconds_per_call_1_worker': rounded(
@@ -669,14 +731,19 @@ def dask_scaling(n: int, size: int, repeats: int) -> dict:
           median(compile_per_call[2])),
       'raw_dask_seconds_median_1_worker': rounded(median(raw[1])),
       'raw_dask_seconds_median_2_workers': rounded(median(raw[2])),
-      'raw_dask_speedup': rounded(raw_speedup),
+      'raw_dask_speedup_per_repeat': raw_speedup['per_repeat'],
+      'raw_dask_speedup': rounded(raw_speedup['median']),
+      'raw_dask_speedup_quiet': rounded(raw_speedup['quiet']),
       'max_relative_error_vs_local': error,
-      'goal_value': rounded(speedup, 3), 'goal_met': met,
-      'status': (f'goal {"met" if met else "missed"}: speed-up '
-                 f'{speedup:.3g} {">=" if met else "<"} {SPEEDUP_GOAL} '
-                 f'(plain Dask tasks, compiled once: {raw_speedup:.3g})'),
+      'goal_value': rounded(speedup['median'], 3), 'goal_met': met,
+      'status': verdict(
+          met, f'speed-up {speedup["median"]:.3g} {">=" if met else "<"} '
+          f'{SPEEDUP_GOAL} (plain Dask tasks, compiled once: '
+          f'{raw_speedup["median"]:.3g})', speedup['quiet'],
+          speedup['quiet_repeats']),
       'peak_rss_mib': _common.peak_rss_mib(),
-      'other_cores': load.cores(),   # clusters closed: workers reaped
+      'other_cores': other, 'other_cores_raw_dask': other_raw,
+      'other_cores_max': max(other),
   }
 
 
@@ -722,8 +789,9 @@ def main(argv=None) -> int:
     return 0
   _common.write_benchmark(
       'scale', records, 'ntkjax', ntkjax.__version__, args.quick, 'scale',
-      COLUMNS, goals=GOALS, total_seconds=round(time.perf_counter() - start, 1),
-      **git_state())
+      COLUMNS, goals=GOALS, quiet_cores=QUIET_CORES,
+      quiet_wait_seconds=QUIET_WAIT_SECONDS,
+      total_seconds=round(time.perf_counter() - start, 1), **git_state())
   return 0
 
 

@@ -105,6 +105,12 @@ class _Layout:
     return jnp.moveaxis(f, range(n + len(self.kept), n + self.ndim),
                         [n + a for a in self.trace])
 
+  @property
+  def train_rows(self) -> tuple:
+    """The non-traced shape of the training outputs (a train-train
+    kernel's rows)."""
+    return tuple(self.shape[a] for a in self.kept)
+
   def kernel_to_matrix(self, k, name: str, rows=None, cols=None):
     """Zipped kernel -> matrix; checks its shape against the outputs.
 
@@ -294,14 +300,18 @@ SOLVERS = ('auto', 'cholesky', 'eigh', 'cg')
 AUTO_DENSE_LIMIT = 8192
 
 
+def _checked_solver(solver, who: str):
+  if not isinstance(solver, solvers.CG) and solver not in SOLVERS:
+    raise ValueError(f'{who}: solver={solver!r}; choose from {SOLVERS} or '
+                     'pass solvers.CG(...).')
+  return solver
+
+
 def _iterative(solver, k, who: str):
   """The `solvers.CG` settings if `solver` (for this kernel) means an
   iterative solve, else None ('cholesky', 'eigh')."""
-  if isinstance(solver, solvers.CG):
+  if isinstance(_checked_solver(solver, who), solvers.CG):
     return solver
-  if solver not in SOLVERS:
-    raise ValueError(f'{who}: solver={solver!r}; choose from {SOLVERS} or '
-                     'pass solvers.CG(...).')
   lazy = solvers.is_lazy(k)
   if lazy and solver in ('cholesky', 'eigh'):
     raise ValueError(f"{who}: the kernel is stored on disk; solve it with "
@@ -359,7 +369,8 @@ def gradient_descent_mse(k_train_train, y_train, learning_rate: float = 1.,
   layout = _Layout(y_train, trace_axes, who)
   y_train = jnp.asarray(y_train)
   k, kept = layout.kernel_to_matrix(_field(k_train_train, 'ntk', who),
-                                    'k_train_train')
+                                    'k_train_train',
+                                    rows=layout.train_rows)
   iterative = _iterative(solver, k, who)
   if iterative is not None:
     return iterative_predict.gradient_descent_mse(
@@ -480,6 +491,7 @@ def gp_inference(k_train_train, y_train, diag_reg: float = 0.,
   """
   who = 'gp_inference'
   _check_nonnegative(who, diag_reg=diag_reg)
+  _checked_solver(solver, who)
   layout = _Layout(y_train, trace_axes, who)
   y_train = jnp.asarray(y_train)
   solves, matrices = {}, {}
@@ -488,7 +500,8 @@ def gp_inference(k_train_train, y_train, diag_reg: float = 0.,
     """(K or its iterative `System`, b -> (K + sigma I)^{-1} b)."""
     if name not in matrices:
       k, _ = layout.kernel_to_matrix(_field(k_train_train, name, who),
-                                     f'k_train_train.{name}')
+                                     f'k_train_train.{name}',
+                                     rows=layout.train_rows)
       settings = _iterative(solver, k, who)
       if settings is None:
         matrices[name] = k
@@ -573,6 +586,8 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train,
     array of times (prepended), None for t -> inf.
   """
   who = 'gradient_descent_mse_ensemble'
+  _check_nonnegative(who, learning_rate=learning_rate, diag_reg=diag_reg)
+  _checked_solver(solver, who)
   layout = _Layout(y_train, trace_axes, who)
   y_train = jnp.asarray(y_train)
   size = y_train.size
@@ -585,7 +600,8 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train,
       mats = {}
       for name in ('nngp', 'ntk'):
         mats[name], _ = layout.kernel_to_matrix(getattr(both, name),
-                                                f'kernel_fn(x_train).{name}')
+                                                f'kernel_fn(x_train).{name}',
+                                                rows=layout.train_rows)
       cache['kernels'] = mats
     return cache['kernels']
 
@@ -703,7 +719,8 @@ def gradient_descent(loss: Callable, k_train_train, y_train,
   layout = _Layout(y_train, trace_axes, who)
   y_train = jnp.asarray(y_train)
   k, kept = layout.kernel_to_matrix(_field(k_train_train, 'ntk', who),
-                                    'k_train_train')
+                                    'k_train_train',
+                                    rows=layout.train_rows)
   if momentum is not None and not 0 <= momentum < 1:
     raise ValueError(f'{who}: momentum={momentum} must be in [0, 1).')
   grad_loss = jax.grad(lambda f: loss(f, y_train))

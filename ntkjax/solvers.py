@@ -22,11 +22,11 @@ memory, an array sharded over devices, or a lazy on-disk kernel (a
   column and every function (e.g. every time t) at once, stopped when two
   successive approximations agree to `tol`.
 
-Products run in the kernel's dtype (a float32 kernel stays float32: half
-the memory traffic); the vector is split into two float32 parts (v = hi +
-lo) so that its own rounding does not limit the residual, and the products
-of column blocks are summed in float64, as are all the recurrences (NumPy on
-the host).
+A float32 kernel stays float32 in memory and on disk (half the traffic);
+its entries are converted to float64 a column chunk at a time inside the
+products, so products and sums are float64, as are all the recurrences
+(NumPy on the host). Without JAX's float64 the in-memory products run in
+float32 with the vector split in two float32 parts (v = hi + lo).
 """
 
 from __future__ import annotations
@@ -72,11 +72,23 @@ def _unsplit(kv: np.ndarray, dtype, columns: int) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnums=2)
 def _chunked_products(k, v, chunk: int):
-  """[K[:, c] @ v[c] for each column chunk c], stacked: (chunks, M, T)."""
+  """[K[:, c] @ v[c] for each column chunk c], stacked: (chunks, M, T), in
+  v's dtype (K's entries converted chunk by chunk: a float32 kernel times a
+  float64 vector is summed in float64)."""
   m = k.shape[1]
-  return jnp.stack([jnp.matmul(k[:, a:a + chunk], v[a:a + chunk],
+  return jnp.stack([jnp.matmul(k[:, a:a + chunk].astype(v.dtype),
+                               v[a:a + chunk],
                                precision=jax.lax.Precision.HIGHEST)
                     for a in range(0, m, chunk)])
+
+
+def _product_dtype(dtype) -> np.dtype:
+  """Products in float64 when JAX has it (float32 entries times float64
+  vectors are exact, and the sums then keep float64 accuracy; a float32
+  sum over M terms of a vector with cancelling entries, as A^{-1} y has,
+  loses digits: measured 1e-5 true residual where CG reported 1e-9); else
+  in the kernel's dtype with the vector split in two parts."""
+  return np.dtype(np.float64) if jax.config.jax_enable_x64 else np.dtype(dtype)
 
 
 class DenseOperator:
@@ -91,13 +103,18 @@ class DenseOperator:
     self.k = k if isinstance(k, jax.Array) else jnp.asarray(k)
     self.size = int(self.k.shape[0])
     self.dtype = np.dtype(self.k.dtype)
+    # One pass over K, so that NaN is reported even where no product is
+    # needed (e.g. training outputs at t = inf).
+    if not bool(jnp.isfinite(self.k).all()):
+      raise ValueError('solver: the kernel contains NaN or infinite values; '
+                       'check how it was computed.')
 
   def matmul(self, v: np.ndarray) -> np.ndarray:
     """K v for v (M, T); float64."""
-    parts = _chunked_products(self.k, jnp.asarray(_split(v, self.dtype)),
+    dtype = _product_dtype(self.dtype)
+    parts = _chunked_products(self.k, jnp.asarray(_split(v, dtype)),
                               _COLUMN_CHUNK)
-    return _unsplit(np.asarray(parts, np.float64).sum(0), self.dtype,
-                    v.shape[1])
+    return _unsplit(np.asarray(parts, np.float64).sum(0), dtype, v.shape[1])
 
   def diagonal(self) -> np.ndarray:
     return np.asarray(jnp.diagonal(self.k), np.float64)
@@ -107,11 +124,12 @@ class DenseOperator:
 
 
 def _block_product(block: np.ndarray, v: np.ndarray) -> np.ndarray:
-  """block @ v (v already split), in the block's dtype over column chunks
-  of at most _COLUMN_CHUNK, summed in float64."""
+  """block @ v in float64 (the block converted a column chunk at a time:
+  exact products, float64 sums, bounded temporary memory)."""
   out = np.zeros((block.shape[0], v.shape[1]))
   for a in range(0, block.shape[1], _COLUMN_CHUNK):
-    out += block[:, a:a + _COLUMN_CHUNK] @ v[a:a + _COLUMN_CHUNK]
+    out += block[:, a:a + _COLUMN_CHUNK].astype(np.float64) @ v[
+        a:a + _COLUMN_CHUNK]
   return out
 
 
@@ -147,7 +165,7 @@ class StoredOperator:
       yield r0, min(r0 + self.rows, self.size)
 
   def matmul(self, v: np.ndarray) -> np.ndarray:
-    w = _split(v, self.dtype)
+    w = np.asarray(v, np.float64)
     out = np.zeros((self.size, w.shape[1]))
     for r0, r1 in self._strips():
       if self.symmetric:
@@ -157,7 +175,7 @@ class StoredOperator:
           out[r1:] += _block_product(strip[:, r1 - r0:].T, w[r0:r1])
       else:
         out[r0:r1] += _block_product(np.asarray(self.k[r0:r1, :]), w)
-    return _unsplit(out, self.dtype, v.shape[1])
+    return out
 
   def diagonal(self) -> np.ndarray:
     return np.concatenate([np.diagonal(np.asarray(self.k[r0:r1, r0:r1]))
@@ -226,6 +244,11 @@ def rp_cholesky(op, rank: int, block: int = 64, seed: int = 0,
     g = op.columns(pivots) - f @ f[pivots].T
     h = (g[pivots] + g[pivots].T) / 2
     w, u = np.linalg.eigh(h)
+    if w.min() < -1e-8 * max(np.abs(w).max(), 1e-300):
+      raise NotPositiveDefiniteError(
+          'solver: the kernel is not positive semi-definite (a principal '
+          f'submatrix has eigenvalue {w.min():.3g}); check how it was built, '
+          "or pass diag_reg > 0 / solver='eigh'.")
     keep = w > 1e-10 * max(w.max(), 0.)
     if not keep.any():
       break
@@ -259,6 +282,11 @@ class Preconditioner:
     rank = min(op.size, 300) if rank is None else min(rank, op.size)
     diagonal = op.diagonal()
     _check_finite(diagonal, 'kernel')
+    if diagonal.min() < -1e-12 * np.abs(diagonal).max() - shift:
+      raise NotPositiveDefiniteError(
+          f'solver: the kernel has a negative diagonal entry '
+          f'({diagonal.min():.3g}): it is not a covariance (kernels of '
+          'ntkjax have variances on the diagonal); check how it was built.')
     f, residual = rp_cholesky(op, rank) if rank else (
         np.zeros((op.size, 0)), np.maximum(diagonal, 0.))
     _check_finite(f, 'kernel')
@@ -308,6 +336,16 @@ def _check_finite(values: np.ndarray, what: str):
                      'check the kernel and the targets.')
 
 
+def _one_thread(fn):
+  """Run `fn` under `one_blas_thread` (see there)."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with one_blas_thread():
+      return fn(*args, **kwargs)
+  return wrapped
+
+
+@_one_thread
 def cg(op, b: np.ndarray, shift: float = 0., tol: float = 1e-6,
        max_iterations: Optional[int] = None, rank: Optional[int] = None,
        progress: bool = False, info: Optional[SolveInfo] = None,
@@ -396,6 +434,7 @@ def cg(op, b: np.ndarray, shift: float = 0., tol: float = 1e-6,
 # Matrix functions by Lanczos.
 
 
+@_one_thread
 def lanczos_functions(op, b: np.ndarray, functions: Sequence[Callable],
                       shift: float = 0., tol: float = 1e-8,
                       max_iterations: Optional[int] = None,
@@ -530,24 +569,23 @@ class CG:
     """(K + shift I)^{-1} b."""
     key = (id(op), shift)
     if key not in self._preconditioners:
-      self._preconditioners[key] = (op, Preconditioner.of(op, shift,
-                                                          self.rank))
+      with one_blas_thread():
+        self._preconditioners[key] = (op, Preconditioner.of(op, shift,
+                                                            self.rank))
     info = SolveInfo('cg')
     self.history.append(info)
-    with one_blas_thread():
-      return cg(op, b, shift, self.tol, self.max_iterations,
-                progress=self.progress, info=info,
-                preconditioner=self._preconditioners[key][1])
+    return cg(op, b, shift, self.tol, self.max_iterations,
+              progress=self.progress, info=info,
+              preconditioner=self._preconditioners[key][1])
 
   def functions(self, op, b, functions: Sequence[Callable],
                 shift: float) -> np.ndarray:
     """f(K + shift I) b for each f."""
     info = SolveInfo('lanczos')
     self.history.append(info)
-    with one_blas_thread():
-      return lanczos_functions(op, b, functions, shift, self.lanczos_tol,
-                               self.max_iterations, progress=self.progress,
-                               info=info)
+    return lanczos_functions(op, b, functions, shift, self.lanczos_tol,
+                             self.max_iterations, progress=self.progress,
+                             info=info)
 
 
 def product(k, v: np.ndarray) -> np.ndarray:
@@ -556,10 +594,8 @@ def product(k, v: np.ndarray) -> np.ndarray:
   v = np.asarray(v, np.float64)
   if not is_lazy(k):
     return DenseOperator(k).matmul(v)
-  w = _split(v, k.dtype)
-  out = np.concatenate([_block_product(np.asarray(k[r0:r0 + 1024, :]), w)
-                        for r0 in range(0, k.shape[0], 1024)])
-  return _unsplit(out, k.dtype, v.shape[1])
+  return np.concatenate([_block_product(np.asarray(k[r0:r0 + 1024, :]), v)
+                         for r0 in range(0, k.shape[0], 1024)])
 
 
 @contextlib.contextmanager
