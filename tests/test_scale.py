@@ -294,3 +294,20 @@ def test_progress_bar_and_resume_message(tmp_path, capfd):
   ntkjax.batch(kernel_fn, 3, store=store)(x1, None, 'ntk')
   err = capfd.readouterr().err
   assert 'resuming' in err and '6 of 6 blocks already stored' in err
+
+
+def test_repeated_calls_share_the_compiled_function():
+  """A second batch() of the same network and shapes reuses the first's
+  jit-compiled block function (found by the program's jaxpr and
+  constants), so it compiles nothing; a different hyperparameter does
+  not share it."""
+  from ntkjax import stax
+  kernel_fn, x1, _, _, _ = _inputs('fc', True)
+  first, _ = batching.block_job(kernel_fn, 3, x1, None, 'ntk')
+  again, _ = batching.block_job(kernel_fn, 3, x1 + 1., None, 'ntk')
+  assert first._function() is again._function()
+  other = stax.serial(stax.Dense(8, 1.4, 0.1), stax.Erf(),
+                      stax.Dense(8, 1.2, 0.2), stax.Relu(),
+                      stax.Dense(1, 1.3, 0.05)).kernel_fn
+  different, _ = batching.block_job(other, 3, x1, None, 'ntk')
+  assert different._function() is not first._function()

@@ -18,11 +18,14 @@ once per device the inputs are placed on.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import hashlib
 import importlib
 import itertools
 import re
+import threading
 import zlib
 from typing import Callable, Optional
 
@@ -208,29 +211,71 @@ class BlockJob:
     n2 = n1 if self.x2 is None else self.x2.shape[0]
     self.plan = BlockPlan.of(n1, n2, batch_size, self.x2 is None)
     self._jitted = None
+    self._programs = None
     self.fields = self._field_specs()
 
   def __getstate__(self):
     state = dict(self.__dict__)
     state['_jitted'] = None   # compiled again in each process
+    state['_programs'] = None
     return state
 
   # --------------------------------------------------------------------------
   # The block function.
 
+  def _standalone(self, get='as asked') -> Callable:
+    """The block function `(xi, xj, dynamic, pattern) -> outputs`, holding
+    no reference to the job (its inputs), so it can be cached."""
+    return functools.partial(_block_call, self.kernel_fn, self.is_stax,
+                             self.get if get == 'as asked' else get,
+                             self._static, self._treedef)
+
   def _call(self, xi, xj, dynamic, pattern):
-    leaves = [d if s is None else s for d, s in zip(dynamic, self._static)]
-    args, kwargs = jax.tree.unflatten(self._treedef, leaves)
-    if self.is_stax:
-      if pattern is not None:
-        kwargs = dict(kwargs, pattern=pattern)
-      return self.kernel_fn(xi, xj, self.get, *args, **kwargs)
-    return self.kernel_fn(xi, xj, *args, **kwargs)
+    return self._standalone()(xi, xj, dynamic, pattern)
 
   def _function(self):
+    """The jit-compiled block function, shared by every job whose program
+    (jaxprs and constants) is the same, in this process: calling `batch`
+    again, or a Dask worker receiving a new job, compiles nothing."""
     if self._jitted is None:
-      self._jitted = jax.jit(self._call)
+      key = self.program_key()
+      with _COMPILED_LOCK:
+        function = _COMPILED.pop(key, None) or jax.jit(self._standalone())
+        _COMPILED[key] = function
+        while len(_COMPILED) > _COMPILED_MAX:
+          _COMPILED.popitem(last=False)
+      self._jitted = function
     return self._jitted
+
+  def _forms(self) -> list:
+    """The distinct block programs: a diagonal block of a symmetric kernel
+    (x2=None) and/or an off-diagonal one."""
+    rows, cols = self.plan.grid
+    forms = []
+    if self.x2 is None:
+      forms.append((0, 0))
+    if self.x2 is not None or cols > 1:
+      forms.append((0, 1) if self.x2 is None else (0, 0))
+    return forms
+
+  def _traced(self) -> list:
+    """(jaxpr text, constants) of each form, traced once."""
+    if self._programs is None:
+      self._programs = []
+      for i, j in self._forms():
+        closed = jax.make_jaxpr(self._call)(*self._inputs(i, j))
+        text = re.sub(r'0x[0-9a-f]+', '0x', str(closed.jaxpr))
+        self._programs.append((text, closed.consts))
+    return self._programs
+
+  def program_key(self) -> str:
+    """SHA-256 of every form's jaxpr text and exact constants."""
+    digest = hashlib.sha256()
+    for text, consts in self._traced():
+      digest.update(text.encode())
+      for c in consts:
+        digest.update(_array_digest(c).encode())
+    return digest.hexdigest()
 
   def _inputs(self, i: int, j: int, device=None) -> tuple:
     """The padded input slices (and patterns) of block (i, j); xj is None
@@ -261,7 +306,9 @@ class BlockJob:
     for field in self.fields:
       if not self.plan.writes(field.kind, i, j):
         continue
-      a = out[field.name]
+      # To the host first (a view on CPU), then crop as a NumPy view: a
+      # JAX slice would copy the whole block.
+      a = np.asarray(out[field.name])
       if np.dtype(a.dtype) != np.dtype(field.dtype):
         # E.g. a Dask worker without jax_enable_x64 for a float64 kernel:
         # never store silently rounded values.
@@ -273,7 +320,7 @@ class BlockJob:
             'neither).')
       a = (a[:r1 - r0, :c1 - c0] if field.kind == PAIR
            else a[:r1 - r0] if field.kind == ROW else a[:c1 - c0])
-      result[field.name] = np.asarray(a)
+      result[field.name] = a
     return result
 
   # --------------------------------------------------------------------------
@@ -327,11 +374,7 @@ class BlockJob:
 
   def _call_kernel(self, xi, xj, dynamic, pattern):
     """The stax kernel_fn's whole Kernel (for its spatial layout)."""
-    saved, self.get = self.get, None
-    try:
-      return self._call(xi, xj, dynamic, pattern)
-    finally:
-      self.get = saved
+    return self._standalone(get=None)(xi, xj, dynamic, pattern)
 
   def check_swaps(self, device=None) -> dict:
     """Decide, for a function other than stax's, the permutation mapping
@@ -372,10 +415,8 @@ class BlockJob:
     of the block function and a digest of its constants), the inputs
     (SHA-256 of x1, x2, array arguments and patterns), the static
     arguments, the fields and the block plan."""
-    xi, xj, dynamic, pattern = self._inputs(0, 0)
-    closed = jax.make_jaxpr(self._call)(xi, xj, dynamic, pattern)
-    text = re.sub(r'0x[0-9a-f]+', '0x', str(closed.jaxpr))
-    constants = [_moments(c) for c in closed.consts]
+    text, consts = self._traced()[0]
+    constants = [_moments(c) for c in consts]
     data = hashlib.sha256()
     for a in (self.x1, self.x2) + tuple(self._dynamic) + self.patterns:
       data.update(_array_digest(a).encode())
@@ -392,6 +433,24 @@ class BlockJob:
                    for f in self.fields],
         'jax': jax.__version__,
     }
+
+
+# Jit-compiled block functions by program key, most recently used last.
+_COMPILED = collections.OrderedDict()
+_COMPILED_MAX = 8
+_COMPILED_LOCK = threading.Lock()
+
+
+def _block_call(kernel_fn, is_stax: bool, get, static: tuple, treedef,
+                xi, xj, dynamic, pattern):
+  """kernel_fn on one block: static and traced arguments merged back."""
+  leaves = [d if s is None else s for d, s in zip(dynamic, static)]
+  args, kwargs = jax.tree.unflatten(treedef, leaves)
+  if is_stax:
+    if pattern is not None:
+      kwargs = dict(kwargs, pattern=pattern)
+    return kernel_fn(xi, xj, get, *args, **kwargs)
+  return kernel_fn(xi, xj, *args, **kwargs)
 
 
 def _candidate_swaps(shape: tuple) -> list:
@@ -442,5 +501,5 @@ def checksum(block: dict) -> int:
   """CRC-32 of a block's arrays (in field order), as a non-negative int."""
   crc = 0
   for name in sorted(block):
-    crc = zlib.crc32(np.ascontiguousarray(block[name]).tobytes(), crc)
+    crc = zlib.crc32(np.ascontiguousarray(block[name]), crc)   # no copy
   return crc
