@@ -29,7 +29,7 @@ class System:
 
   def __init__(self, settings, k, diag_reg: float, absolute: bool):
     self.settings = settings
-    self.op = solvers.operator(k)
+    self.op = solvers.operator(k, settings.client)
     self.shift = shift_of(self.op, diag_reg, absolute)
     self.shape = (self.op.size, self.op.size)
     self.dtype = self.op.dtype

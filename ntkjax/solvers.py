@@ -146,7 +146,7 @@ class StoredOperator:
     k: the lazy (M, M) kernel.
   """
 
-  def __init__(self, k):
+  def __init__(self, k, client=None):
     if len(k.shape) != 2 or k.shape[0] != k.shape[1]:
       raise ValueError(
           f'solver: a stored train-train kernel must be square (M, M), got '
@@ -159,6 +159,7 @@ class StoredOperator:
     plan = getattr(store, 'plan', None)
     self.rows = plan.size1 if plan is not None else 1024
     self.symmetric = bool(plan is not None and plan.symmetric)
+    self.client = client
 
   def _strips(self):
     for r0 in range(0, self.size, self.rows):
@@ -166,6 +167,8 @@ class StoredOperator:
 
   def matmul(self, v: np.ndarray) -> np.ndarray:
     w = np.asarray(v, np.float64)
+    if self.client is not None:
+      return self._matmul_on_cluster(w)
     out = np.zeros((self.size, w.shape[1]))
     for r0, r1 in self._strips():
       if self.symmetric:
@@ -176,6 +179,20 @@ class StoredOperator:
       else:
         out[r0:r1] += _block_product(np.asarray(self.k[r0:r1, :]), w)
     return out
+
+  def _matmul_on_cluster(self, w: np.ndarray) -> np.ndarray:
+    """K w with one Dask task per strip of rows: each worker reads its
+    strip from the store (mirrored blocks included) and returns only its
+    rows of the product; w is scattered once per product."""
+    w_future, = self.client.scatter([w], broadcast=True, hash=False)
+    if getattr(self, '_k_future', None) is None:   # the store, once
+      self._k_future, = self.client.scatter([self.k], broadcast=True,
+                                            hash=False)
+    tasks = [self.client.submit(_strip_product, self._k_future, r0, r1,
+                                w_future,
+                                pure=False, retries=2)
+             for r0, r1 in self._strips()]
+    return np.concatenate(self.client.gather(tasks))
 
   def diagonal(self) -> np.ndarray:
     return np.concatenate([np.diagonal(np.asarray(self.k[r0:r1, r0:r1]))
@@ -190,15 +207,21 @@ class StoredOperator:
     return out
 
 
-def operator(k):
-  """The `KernelOperator` for a kernel: an array (in memory or sharded) or
-  a lazy 2-d array on disk."""
+def _strip_product(k, r0: int, r1: int, w: np.ndarray) -> np.ndarray:
+  """Rows r0:r1 of K w (a Dask task)."""
+  return _block_product(np.asarray(k[r0:r1, :]), w)
+
+
+def operator(k, client=None):
+  """The kernel's operator: `DenseOperator` for an array (in memory or
+  sharded), `StoredOperator` for a lazy 2-d array on disk (its products as
+  Dask tasks of `client` if given)."""
   if isinstance(k, (DenseOperator, StoredOperator)):
     return k
   if isinstance(k, (np.ndarray, jax.Array)):
     return DenseOperator(k)
   if hasattr(k, 'shape') and hasattr(k, '__getitem__'):
-    return StoredOperator(k)
+    return StoredOperator(k, client)
   return DenseOperator(jnp.asarray(k))
 
 
@@ -552,6 +575,8 @@ class CG:
     rank: preconditioner rank (default min(M, 300); 0 for none).
     lanczos_tol: relative change at which Lanczos stops (finite times).
     progress: progress bars on long solves.
+    client: a Dask `Client`: products with a stored kernel run as tasks on
+      its workers (one strip of rows each), which must reach the store.
     history: a `SolveInfo` per solve (iterations, residual history,
       convergence), appended as solves run.
   """
@@ -560,6 +585,7 @@ class CG:
   rank: Optional[int] = None
   lanczos_tol: float = 1e-8
   progress: bool = False
+  client: object = None
   history: list = dataclasses.field(default_factory=list)
 
   def __post_init__(self):

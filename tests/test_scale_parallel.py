@@ -172,3 +172,22 @@ def test_worker_precision_must_match(tmp_path):
     kernel_fn, x1, x2, _, _ = scale_cases.fc()
     with pytest.raises(TypeError, match='JAX_ENABLE_X64'):
       ntkjax.batch(kernel_fn, 3, client=client, progress=False)(x1, x2, 'ntk')
+
+
+def test_cg_products_on_the_cluster(client, tmp_path):
+  """predict with solvers.CG(client=...): a stored kernel's products run as
+  Dask tasks (one strip of rows each) and the predictions equal the
+  in-memory solve."""
+  from ntkjax import predict, solvers
+  kernel_fn, x1, x2, _, _ = scale_cases.fc(60, 20)
+  y = np.random.default_rng(5).standard_normal((60, 2))
+  stored = ntkjax.batch(kernel_fn, 16, store=str(tmp_path / 'k.zarr'),
+                        progress=False)(x1, None, 'ntk')
+  k, kt = kernel_fn(x1, None, 'ntk'), kernel_fn(x2, x1, 'ntk')
+  settings = solvers.CG(tol=1e-12, client=client)
+  got = predict.gp_inference(stored, y, diag_reg=1e-3, solver=settings)(
+      'ntk', kt)
+  expected = predict.gp_inference(k, y, diag_reg=1e-3, solver='cholesky')(
+      'ntk', kt)
+  assert scale_cases.relative_error(got, expected) < 1e-9
+  assert settings.history[-1].converged

@@ -247,6 +247,14 @@ class StoredKernel:
   def __len__(self):
     return self.shape[0]
 
+  def __getstate__(self):
+    # The zarr array is reopened from the store (e.g. on a Dask worker).
+    return {k: v for k, v in self.__dict__.items() if k != '_array'}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._array = self.store.arrays[self.field.name]
+
   def __repr__(self):
     return (f'StoredKernel({self.name!r}, shape={self.shape}, '
             f'dtype={self.dtype}, store={_describe(self.store.location)!r})')
