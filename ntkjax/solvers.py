@@ -82,6 +82,26 @@ def _chunked_products(k, v, chunk: int):
                     for a in range(0, m, chunk)])
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _row_block_products(k, v, rows: int, chunk: int):
+  """K v (M, T) in v's dtype, one block of `rows` rows at a time (a
+  `fori_loop`; the last block is clamped to end at M and overlaps the one
+  before, recomputing the same rows): temporaries are rows x chunk, not
+  M x chunk (K converted to float64 chunk by chunk)."""
+  m, n = k.shape
+  rows = min(rows, m)
+
+  def block(i, out):
+    start = jnp.minimum(i * rows, m - rows)
+    kb = jax.lax.dynamic_slice_in_dim(k, start, rows, axis=0)
+    acc = sum(jnp.matmul(kb[:, a:a + chunk].astype(v.dtype), v[a:a + chunk],
+                         precision=jax.lax.Precision.HIGHEST)
+              for a in range(0, n, chunk))
+    return jax.lax.dynamic_update_slice_in_dim(out, acc, start, axis=0)
+  return jax.lax.fori_loop(0, -(-m // rows), block,
+                           jnp.zeros((m, v.shape[1]), v.dtype))
+
+
 def _product_dtype(dtype) -> np.dtype:
   """Products in float64 when JAX has it (float32 entries times float64
   vectors are exact, and the sums then keep float64 accuracy; a float32
@@ -112,9 +132,15 @@ class DenseOperator:
   def matmul(self, v: np.ndarray) -> np.ndarray:
     """K v for v (M, T); float64."""
     dtype = _product_dtype(self.dtype)
-    parts = _chunked_products(self.k, jnp.asarray(_split(v, dtype)),
-                              _COLUMN_CHUNK)
-    return _unsplit(np.asarray(parts, np.float64).sum(0), dtype, v.shape[1])
+    w = jnp.asarray(_split(v, dtype))
+    if len(self.k.sharding.device_set) > 1:
+      # Sharded: whole columns chunks, so each device keeps its rows.
+      kv = np.asarray(_chunked_products(self.k, w, _COLUMN_CHUNK),
+                      np.float64).sum(0)
+    else:
+      kv = np.asarray(_row_block_products(self.k, w, 1024, _COLUMN_CHUNK),
+                      np.float64)
+    return _unsplit(kv, dtype, v.shape[1])
 
   def diagonal(self) -> np.ndarray:
     return np.asarray(jnp.diagonal(self.k), np.float64)
