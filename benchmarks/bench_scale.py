@@ -82,7 +82,9 @@ x1 of _common.make_inputs), get='ntk'.
    default client.
 
 Ratios. Every repeat waits (up to 60 s) for other processes to go quiet,
-then times its pair back to back; the goal is judged on the median of the
+runs an untimed spin-up (on this VM the first call after a few idle seconds
+is ~0.3 s slower), then times its pair back to back, which of the two goes
+first alternating between repeats; the goal is judged on the median of the
 per-repeat ratios (`*_per_repeat`), which is robust to load that comes and
 goes between repeats; the ratio of the medians is reported too. Each repeat
 records `other_cores` (cores other processes kept busy meanwhile; see
@@ -106,6 +108,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -242,6 +245,22 @@ def compile_listener():
 def compile_seconds(totals: dict) -> float:
   """Tracing + lowering + XLA compilation seconds in `totals`."""
   return sum(v for k, v in totals.items() if k.startswith('/jax/core/compile'))
+
+
+def source_digest() -> str:
+  """SHA-256 of ntkjax's Python sources as they are on disk now (ntkjax/
+  may have uncommitted changes, and may change while this runs)."""
+  root = os.path.dirname(os.path.abspath(ntkjax.__file__))
+  digest = hashlib.sha256()
+  for folder, dirs, files in sorted(os.walk(root)):
+    dirs.sort()
+    for name in sorted(files):
+      if name.endswith('.py'):
+        path = os.path.join(folder, name)
+        digest.update(os.path.relpath(path, root).encode())
+        with open(path, 'rb') as f:
+          digest.update(f.read())
+  return digest.hexdigest()
 
 
 def git_state() -> dict:
@@ -402,14 +421,18 @@ def out_of_core(n: int, size: int, repeats: int) -> dict:
   raw_write = (None, None)
   for r in range(repeats):
     waited.append(quiet_wait())
+    jax.block_until_ready(block(0, 1))   # spin-up after the idle wait
     load = OtherLoad()
-    seconds, cpu = memory_pass()
     directory = tempfile.mkdtemp(prefix='ntkjax_bench_scale_', dir='/tmp')
     try:
+      if r % 2 == 0:   # alternate which of the pair runs first
+        seconds, cpu = memory_pass()
       result = _watch.run(
           [sys.executable, os.path.abspath(__file__), '--store-child', str(n),
            str(size), directory], CHILD_TIMEOUT_SECONDS, CHILD_RSS_LIMIT_GB,
           MIN_AVAILABLE_GIB)
+      if r % 2 == 1:
+        seconds, cpu = memory_pass()
       repeat_other = load.cores()
       if r == 0:
         raw_write = raw_write_seconds(directory, len(blocks), size)
@@ -530,10 +553,13 @@ def symmetric(n: int, size: int, repeats: int) -> dict:
   compile_per_call = {name: [] for name in calls}
   block_times = {'sym': [], 'full': []}
   other, waited = [], []
-  for _ in range(repeats):
+  for r in range(repeats):
     waited.append(quiet_wait())
+    for call in calls.values():
+      call()   # spin-up: the first call after an idle wait is slower
     load = OtherLoad()
-    for name, call in calls.items():
+    for name in (('sym', 'full') if r % 2 == 0 else ('full', 'sym')):
+      call = calls[name]
       before = compile_seconds(compiles)
       start = time.perf_counter()
       call()
@@ -673,10 +699,14 @@ def dask_scaling(n: int, size: int, repeats: int) -> dict:
     times, raw = {1: [], 2: []}, {1: [], 2: []}
     cores, compile_per_call = {1: [], 2: []}, {1: [], 2: []}
     other, other_raw, waited = [], [], []
-    for _ in range(repeats):
+    for r in range(repeats):
       waited.append(quiet_wait())
-      load, ours = OtherLoad(), 0.
       for w in clients:
+        call(w)   # spin-up: the first call after an idle wait is slower
+        raw_call(w)
+      order = (1, 2) if r % 2 == 0 else (2, 1)
+      load, ours = OtherLoad(), 0.
+      for w in order:
         wall, busiest, compiled, used = timed(w, call)
         times[w].append(wall)
         cores[w].append(busiest)
@@ -684,7 +714,7 @@ def dask_scaling(n: int, size: int, repeats: int) -> dict:
         ours += used
       other.append(load.cores(ours))
       load, ours = OtherLoad(), 0.
-      for w in clients:
+      for w in order:
         wall, _, _, used = timed(w, raw_call)
         raw[w].append(wall)
         ours += used
@@ -775,6 +805,7 @@ def main(argv=None) -> int:
     print(json.dumps(store_child(int(n), int(size), directory)))
     return 0
   start = time.perf_counter()
+  digest = source_digest()
   records = []
   for case in args.cases:
     n, size, repeats = SIZES[case][1 if args.quick else 0]
@@ -783,6 +814,12 @@ def main(argv=None) -> int:
     record = RUNNERS[case](n, size, repeats)
     print(f'  {record.get("status")}', flush=True)
     records.append(record)
+  sources = {'ntkjax_sources_sha256': digest,
+             # The sources changed on disk while the cases ran (someone
+             # editing ntkjax/): the numbers may mix two versions.
+             'ntkjax_sources_changed_during_run': source_digest() != digest}
+  if sources['ntkjax_sources_changed_during_run']:
+    print('warning: ntkjax sources changed during the run', file=sys.stderr)
   if list(args.cases) != list(CASES):
     _common.print_table(records, COLUMNS)
     print(json.dumps(records, indent=2))
@@ -791,7 +828,8 @@ def main(argv=None) -> int:
       'scale', records, 'ntkjax', ntkjax.__version__, args.quick, 'scale',
       COLUMNS, goals=GOALS, quiet_cores=QUIET_CORES,
       quiet_wait_seconds=QUIET_WAIT_SECONDS,
-      total_seconds=round(time.perf_counter() - start, 1), **git_state())
+      total_seconds=round(time.perf_counter() - start, 1), **git_state(),
+      **sources)
   return 0
 
 

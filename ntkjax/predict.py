@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 from typing import Callable, Optional, Sequence, Union
 
 import jax
@@ -296,7 +297,8 @@ class _Eigen:
 
 SOLVERS = ('auto', 'cholesky', 'eigh', 'cg')
 # 'auto': dense factorizations up to this size (a float64 Cholesky of
-# 8192 x 8192 takes seconds and 0.5 GB), conjugate gradients beyond.
+# 8192 x 8192 takes seconds and 0.5 GB) and while three float64 copies fit
+# in half the free memory; conjugate gradients beyond.
 AUTO_DENSE_LIMIT = 8192
 
 
@@ -318,9 +320,19 @@ def _iterative(solver, k, who: str):
                      f"solver='cg' (solver={solver!r} would need it whole in "
                      'memory).')
   if solver == 'cg' or (solver == 'auto' and (
-      lazy or k.shape[0] > AUTO_DENSE_LIMIT)):
+      lazy or k.shape[0] > AUTO_DENSE_LIMIT
+      or 3 * 8 * k.shape[0] ** 2 > _free_memory() / 2)):
     return solvers.CG()
   return None
+
+
+def _free_memory() -> float:
+  """Bytes of memory available now (inf where unknown). A dense solve
+  holds about three float64 N x N arrays (kernel, factor, eigenvectors)."""
+  try:
+    return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+  except (ValueError, OSError, AttributeError):
+    return math.inf
 
 
 def _check_nonnegative(who: str, **values):
