@@ -1,4 +1,4 @@
-"""Kernels at scale with ntkjax.batch: out-of-core store, symmetric blocks, Dask workers.
+"""ntkjax.batch at scale: out-of-core store, symmetric blocks, Dask scaling.
 
 Three cases, each with the goal stated in the issue; the script measures and
 reports whether each goal is met (no timing asserts anywhere).
@@ -54,9 +54,10 @@ x1 of _common.make_inputs), get='ntk'.
    costs what an off-diagonal one does, the ratio is at least 36 / 64 =
    0.5625 (`block_count_floor`). Also reported: the same blocks through a
    warm jitted kernel_fn alone (`blocks_ratio`: what the kernels themselves
-   cost, without batch's per-call work) and the tracing + compile seconds
-   per call (jax.monitoring): every `batch(...)` call compiles anew, so the
-   warm-up call does not spare the timed ones their compilation.
+   cost, without batch's per-call work) and the seconds each call spends
+   tracing and compiling (jax.monitoring's compile events; batch traces the
+   block function on every call, and, before ntkjax kept compiled block
+   functions between calls, compiled it on every call too).
 
 3. dask_scaling: CNN blocks, stax.serial(Conv(32, (3, 3), SAME), Relu(),
    Conv(32, (3, 3), SAME), Relu(), GlobalAvgPool(), Dense(1)), x1 and x2 two
@@ -67,16 +68,22 @@ x1 of _common.make_inputs), get='ntk'.
    both clusters up at once; env (passed on to each worker's Nanny; what the
    workers see is recorded, from client.run) makes XLA and BLAS
    single-threaded in the workers before jax starts there: XLA_FLAGS=
-   --xla_cpu_multi_thread_eigen=false, OMP/OPENBLAS/MKL_NUM_THREADS=1. Each
-   worker's CPU seconds per second of a timed call are reported
-   (`worker_cores_max`: <= ~1 confirms one thread). One untimed call per
-   cluster (imports, first compile), then R = 5 repeats of (W = 1 call,
-   W = 2 call). Goal: speed-up t(W=1) / t(W=2) >= 1.7. Floor: 2 on two
-   workers, less the serial part of a call (client-side setup, the tracing
-   and compilation every worker repeats on every call, Dask's per-task
-   overhead). For comparison the same blocks also run as plain Dask tasks
-   with a jitted kernel_fn kept on each worker between calls (`raw_dask_*`:
-   the scaling Dask itself allows on this machine). Each call runs with its
+   --xla_cpu_multi_thread_eigen=false, OMP/OPENBLAS/MKL_NUM_THREADS=1.
+   That flag alone leaves XLA:CPU running this CNN's blocks on ~1.8 cores
+   (one process, quiet machine: CPU/wall 1.78, against 0.97 under
+   `taskset -c 0`), so each worker process is also pinned to one core
+   (worker k of a cluster to core k, every thread, through client.run,
+   before jax computes anything there). Each worker's CPU seconds per
+   second of a timed call are reported (`worker_cores_max_*`: <= ~1
+   confirms one core), and so are the seconds a worker spends tracing and
+   compiling per call. One untimed call per cluster (imports, first
+   compile), then R = 5 repeats of (W = 1 call, W = 2 call). Goal:
+   speed-up t(W=1) / t(W=2) >= 1.7. Floor: 2 on two workers, less the
+   serial part of a call (client-side setup, whatever tracing and
+   compilation each worker repeats per call, Dask's per-task overhead).
+   For comparison the same blocks also run as plain Dask tasks with a
+   jitted kernel_fn kept on each worker between calls (`raw_dask_*`: the
+   scaling Dask itself allows on this machine). Each call runs with its
    client made the current one (`client.as_current()`): batch's Dask
    executor calls `distributed.as_completed` without `loop=`, which needs a
    default client.
@@ -98,7 +105,7 @@ its numbers, `goal`, `goal_value`, `goal_met` and a `status` stating the
 verdict (shown in the README table).
 
 Usage:
-    python benchmarks/bench_scale.py                  # full sizes (~10 min)
+    python benchmarks/bench_scale.py                  # full sizes (~7 min)
     python benchmarks/bench_scale.py --quick          # N = 4000, 2000, 200
     python benchmarks/bench_scale.py --cases dask_scaling   # a subset
                                                       # (printed, not written)
@@ -622,6 +629,20 @@ def _worker_setup(dask_worker):
   return {k: os.environ.get(k) for k in WORKER_ENV}
 
 
+def _pin_to(core: int):
+  """A function pinning every thread of a worker process to `core` (new
+  threads inherit it, and XLA sizes its thread pools from the affinity of
+  the thread that starts it); returns the affinity it ends with."""
+  def pin(dask_worker):
+    for tid in os.listdir('/proc/self/task'):
+      try:
+        os.sched_setaffinity(int(tid), {core})
+      except OSError:   # a thread that just ended
+        pass
+    return sorted(os.sched_getaffinity(0))
+  return pin
+
+
 def _worker_counters(dask_worker):
   """On a worker: (CPU seconds, compile seconds) so far."""
   import resource as wresource
@@ -652,7 +673,7 @@ def dask_scaling(n: int, size: int, repeats: int) -> dict:
   x1, x2 = inputs(n, (8, 8, 1), count=2)
   kernel_fn = cnn_kernel_fn()
   grid = n // size
-  clusters, clients, env_seen = {}, {}, {}
+  clusters, clients, env_seen, pinned = {}, {}, {}, {1: [], 2: []}
   try:
     for workers in (1, 2):
       clusters[workers] = LocalCluster(
@@ -660,6 +681,11 @@ def dask_scaling(n: int, size: int, repeats: int) -> dict:
           dashboard_address=':0', silence_logs=logging.ERROR,
           env=dict(WORKER_ENV))   # passed on to each worker's Nanny
       clients[workers] = Client(clusters[workers], set_as_default=False)
+      # Before jax computes anything there (its thread pools start then).
+      for core, address in enumerate(sorted(
+          clients[workers].scheduler_info()['workers'])):
+        pinned[workers].append(clients[workers].run(
+            _pin_to(core % os.cpu_count()), workers=[address])[address])
       env_seen[workers] = list(clients[workers].run(_worker_setup).values())
     batched = {w: ntkjax.batch(kernel_fn, size, client=clients[w],
                                store_on_device=False, progress=False)
@@ -753,8 +779,10 @@ def dask_scaling(n: int, size: int, repeats: int) -> dict:
       'speedup': rounded(speedup['median']),
       'speedup_of_medians': rounded(speedup['of_medians']),
       'speedup_quiet': rounded(speedup['quiet']),
+      'worker_cores_pinned': {str(w): v for w, v in pinned.items()},
       # CPU seconds per wall second of the busiest worker of a timed call.
-      'worker_cores_max': rounded(max(max(c) for c in cores.values()), 3),
+      'worker_cores_max_1_worker': rounded(max(cores[1]), 3),
+      'worker_cores_max_2_workers': rounded(max(cores[2]), 3),
       'worker_compile_seconds_per_call_1_worker': rounded(
           median(compile_per_call[1])),
       'worker_compile_seconds_per_call_2_workers': rounded(

@@ -113,6 +113,11 @@ def test_lazy_reads(tmp_path):
               np.s_[2:7, 3:8, :, 1]]:
     np.testing.assert_allclose(k[key], full[key], rtol=1e-12, atol=0,
                                err_msg=str(key))
+  rows = np.array([9, 0, 4])
+  np.testing.assert_allclose(k[rows], full[rows], rtol=1e-12, atol=0)
+  np.testing.assert_allclose(k[:, rows], full[:, rows], rtol=1e-12, atol=0)
+  with pytest.raises(IndexError, match='one of the two batch axes'):
+    k[rows, rows]
 
 
 def test_interrupt_then_resume(monkeypatch, tmp_path):

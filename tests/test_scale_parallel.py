@@ -53,7 +53,8 @@ def cluster():
 
 @pytest.fixture
 def client(cluster):
-  with distributed.Client(cluster) as client:
+  """Not the default client: batch must use the one it is given."""
+  with distributed.Client(cluster, set_as_default=False) as client:
     yield client
 
 

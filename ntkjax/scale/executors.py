@@ -25,6 +25,7 @@ import contextlib
 import sys
 import threading
 import time
+import uuid
 from typing import Callable, Sequence
 
 from ntkjax.scale.blocks import BlockJob, optional_module
@@ -145,13 +146,17 @@ def run_dask(job: BlockJob, todo: Sequence[tuple], client, store,
   if store is not None:
     store_future, = client.scatter([store], broadcast=True, hash=False)
   futures = {}
+  # A fresh token per run: task keys of an earlier run (its job freed and
+  # its id reused) never collide with this one's.
+  token = uuid.uuid4().hex
   for i, j in todo:
     future = client.submit(_block_task, job_future, store_future, i, j,
-                           key=f'ntkjax-block-{id(job):x}-{i}-{j}',
+                           key=f'ntkjax-block-{token}-{i}-{j}',
                            retries=retries, pure=False)
     futures[future] = (i, j)
   try:
-    for future in distributed.as_completed(futures):
+    # loop=: the client need not be the default one (set_as_default=False).
+    for future in distributed.as_completed(futures, loop=client.loop):
       ij = futures[future]
       result = future.result()
       if store is None:

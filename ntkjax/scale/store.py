@@ -273,6 +273,14 @@ class StoredKernel:
     if self.field.kind != PAIR:
       return np.asarray(self._array[key])
     rows, cols, rest = key[0], key[1], key[2:]
+    if not isinstance(rows, (slice, int, np.integer)) and not isinstance(
+        cols, (slice, int, np.integer)):
+      # NumPy would pair the two index arrays; reading blockwise, we would
+      # take their outer product: refuse rather than differ silently.
+      raise IndexError(
+          f'StoredKernel {self.name!r}: index one of the two batch axes with '
+          'an array at a time (k[rows][:, cols] for an outer product, or '
+          'np.asarray(k[rows])[np.arange(len(rows)), cols] for pairs).')
     row_index = np.arange(self.shape[0])[rows]
     col_index = np.arange(self.shape[1])[cols]
     out = self._read(np.atleast_1d(row_index), np.atleast_1d(col_index))
