@@ -102,6 +102,12 @@ def _row_block_products(k, v, rows: int, chunk: int):
                            jnp.zeros((m, v.shape[1]), v.dtype))
 
 
+@jax.jit
+def _float32_product(k, v):
+  # HIGHEST: no TF32 on GPUs (3 digits lost).
+  return jnp.matmul(k, v, precision=jax.lax.Precision.HIGHEST)
+
+
 def _product_dtype(dtype) -> np.dtype:
   """Products in float64 when JAX has it (float32 entries times float64
   vectors are exact, and the sums then keep float64 accuracy; a float32
@@ -141,6 +147,16 @@ class DenseOperator:
       kv = np.asarray(_row_block_products(self.k, w, 1024, _COLUMN_CHUNK),
                       np.float64)
     return _unsplit(kv, dtype, v.shape[1])
+
+  @property
+  def fast_matmul(self) -> Optional[Callable]:
+    """K v with float32 products and sums, for a float32 kernel when the
+    exact products are float64 (CG then refines in mixed precision); None
+    otherwise."""
+    if self.dtype != np.float32 or _product_dtype(self.dtype) == self.dtype:
+      return None
+    return lambda v: np.asarray(_float32_product(
+        self.k, jnp.asarray(v, jnp.float32)), np.float64)
 
   def diagonal(self) -> np.ndarray:
     return np.asarray(jnp.diagonal(self.k), np.float64)
@@ -420,54 +436,23 @@ def cg(op, b: np.ndarray, shift: float = 0., tol: float = 1e-6,
   b = np.asarray(b, np.float64)
   b = b[:, None] if b.ndim == 1 else b
   _check_finite(b, 'right-hand side (targets)')
-  m = op.size
-  max_iterations = (int(10 * math.sqrt(m)) + 100 if max_iterations is None
-                    else max_iterations)
+  max_iterations = (int(10 * math.sqrt(op.size)) + 100
+                    if max_iterations is None else max_iterations)
   if preconditioner is None:
     preconditioner = Preconditioner.of(op, shift, rank)
-  precondition = preconditioner
   info.rank = preconditioner.f.shape[1]
-  apply = lambda v: op.matmul(v) + shift * v
-  norms = np.linalg.norm(b, axis=0)
-  norms = np.where(norms > 0, norms, 1.)
-  x = np.zeros_like(b)
-  r = b.copy()
-  z = precondition(r)
-  p = z.copy()
-  rz = (r * z).sum(0)
-  active = np.linalg.norm(r, axis=0) / norms > tol
+  exact = lambda v: op.matmul(v) + shift * v
+  fast_matmul = getattr(op, 'fast_matmul', None)
   bar = _bar(progress, 'cg', max_iterations)
   try:
-    while active.any() and info.iterations < max_iterations:
-      ap = apply(p)
-      info.iterations += 1
-      _check_finite(ap, 'kernel')
-      curvature = (p * ap).sum(0)
-      scale = (p * p).sum(0) * (abs(shift) + preconditioner.diagonal_max
-                                + 1e-300)
-      bad = active & (curvature <= 1e-14 * scale)
-      if bad.any():
-        raise NotPositiveDefiniteError(
-            'solver: the kernel plus diag_reg is not positive definite '
-            f'(conjugate gradients met curvature {curvature[bad].min():.3g} '
-            f'<= 0 at iteration {info.iterations}); pass diag_reg > 0 (e.g. '
-            "1e-4), or solver='eigh' for the minimum-norm solution.")
-      alpha = np.where(active, rz / np.where(active, curvature, 1.), 0.)
-      x += alpha * p
-      r -= alpha * ap
-      relative = np.linalg.norm(r, axis=0) / norms
-      info.residuals.append(float(relative.max()))
-      active = relative > tol
-      z = precondition(r)
-      rz_new = (r * z).sum(0)
-      beta = np.where(active, rz_new / np.where(rz != 0, rz, 1.), 0.)
-      p = z + beta * p
-      rz = rz_new
-      bar.update(1)
-      bar.set_postfix_str(f'residual {relative.max():.2e}', refresh=False)
+    if fast_matmul is None:
+      x = _pcg(exact, b, tol, max_iterations, preconditioner, shift, info,
+               bar)
+    else:
+      x = _refined(exact, lambda v: fast_matmul(v) + shift * v, b, tol,
+                   max_iterations, preconditioner, shift, info, bar)
   finally:
     bar.close()
-  info.converged = not active.any()
   if not info.converged:
     import warnings
     warnings.warn(
@@ -476,6 +461,91 @@ def cg(op, b: np.ndarray, shift: float = 0., tol: float = 1e-6,
         f'{info.residuals[-1] if info.residuals else float("nan"):.2e}); '
         'raise max_iterations or the preconditioner rank, or add diag_reg.',
         RuntimeWarning, stacklevel=3)
+  return x
+
+
+# Inner tolerance of mixed-precision refinement: float32 products are good
+# to ~1e-6 of |K| |v|, so each inner solve reliably gains 1e-4.
+_INNER_TOL = 1e-4
+
+
+def _refined(exact, fast, b, tol, max_iterations, preconditioner, shift,
+             info, bar) -> np.ndarray:
+  """Mixed-precision iterative refinement (e.g. Carson & Higham 2018): CG
+  with fast float32 products solves for the correction to tolerance 1e-4,
+  the residual b - A x is recomputed with the exact float64 products, and
+  this repeats until it is below `tol`. A float32 product is 4.5x faster
+  than the converted float64 one (8000 x 8000, 10 columns), so the solve
+  costs ~1.3x the iterations at a third of the price each. If a round
+  gains less than a factor 2 (float32 too coarse for this kernel), the
+  rest is solved with exact products."""
+  norms = np.linalg.norm(b, axis=0)
+  norms = np.where(norms > 0, norms, 1.)
+  x = np.zeros_like(b)
+  r = b
+  relative = np.linalg.norm(r, axis=0) / norms
+  while relative.max() > tol and info.iterations < max_iterations:
+    inner = max(_INNER_TOL, tol / relative.max())
+    x = x + _pcg(fast, r, inner, max_iterations, preconditioner, shift, info,
+                 bar, scale=relative.max())
+    r = b - exact(x)
+    info.iterations += 1
+    previous, relative = relative, np.linalg.norm(r, axis=0) / norms
+    info.residuals.append(float(relative.max()))
+    if relative.max() > previous.max() / 2 and relative.max() > tol:
+      x = x + _pcg(exact, r, tol / relative.max(), max_iterations,
+                   preconditioner, shift, info, bar, scale=relative.max())
+      relative = np.linalg.norm(b - exact(x), axis=0) / norms
+      info.iterations += 1
+      info.residuals.append(float(relative.max()))
+      break
+  info.converged = bool(relative.max() <= tol)
+  return x
+
+
+def _pcg(apply, b, tol, max_iterations, preconditioner, shift, info, bar,
+         scale: float = 1.) -> np.ndarray:
+  """Preconditioned CG for apply(X) = b, every column to relative residual
+  `tol`; `info` counts products and records residuals (times `scale`, the
+  size of b relative to the original right-hand side). Sets
+  info.converged."""
+  norms = np.linalg.norm(b, axis=0)
+  norms = np.where(norms > 0, norms, 1.)
+  x = np.zeros_like(b)
+  r = b.copy()
+  z = preconditioner(r)
+  p = z.copy()
+  rz = (r * z).sum(0)
+  active = np.linalg.norm(r, axis=0) / norms > tol
+  while active.any() and info.iterations < max_iterations:
+    ap = apply(p)
+    info.iterations += 1
+    _check_finite(ap, 'kernel')
+    curvature = (p * ap).sum(0)
+    size = (p * p).sum(0) * (abs(shift) + preconditioner.diagonal_max
+                             + 1e-300)
+    bad = active & (curvature <= 1e-14 * size)
+    if bad.any():
+      raise NotPositiveDefiniteError(
+          'solver: the kernel plus diag_reg is not positive definite '
+          f'(conjugate gradients met curvature {curvature[bad].min():.3g} '
+          f'<= 0 at iteration {info.iterations}); pass diag_reg > 0 (e.g. '
+          "1e-4), or solver='eigh' for the minimum-norm solution.")
+    alpha = np.where(active, rz / np.where(active, curvature, 1.), 0.)
+    x += alpha * p
+    r -= alpha * ap
+    relative = np.linalg.norm(r, axis=0) / norms
+    info.residuals.append(float(relative.max() * scale))
+    active = relative > tol
+    z = preconditioner(r)
+    rz_new = (r * z).sum(0)
+    beta = np.where(active, rz_new / np.where(rz != 0, rz, 1.), 0.)
+    p = z + beta * p
+    rz = rz_new
+    bar.update(1)
+    bar.set_postfix_str(f'residual {relative.max() * scale:.2e}',
+                        refresh=False)
+  info.converged = not active.any()
   return x
 
 
