@@ -316,3 +316,18 @@ def test_repeated_calls_share_the_compiled_function():
                       stax.Dense(1, 1.3, 0.05)).kernel_fn
   different, _ = batching.block_job(other, 3, x1, None, 'ntk')
   assert different._function() is not first._function()
+
+
+def test_compiled_function_under_concurrent_device_threads():
+  """Device threads ask a new job for its compiled function at once: all
+  get the same one, keyed by the whole program (a half-built key once let
+  a CNN job reuse an FC job's function)."""
+  import concurrent.futures
+  import hashlib
+  kernel_fn, x1, _, _, _ = _inputs('cnn_flatten', True)
+  job, _ = batching.block_job(kernel_fn, 2, x1, None, 'ntk')
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    functions = list(pool.map(lambda _: job._function(), range(4)))
+  assert all(f is functions[0] for f in functions)
+  assert job.program_key() != hashlib.sha256(b'').hexdigest()
+  assert len(job._traced()) == 2          # diagonal and off-diagonal forms

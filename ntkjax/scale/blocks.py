@@ -237,14 +237,16 @@ class BlockJob:
     """The jit-compiled block function, shared by every job whose program
     (jaxprs and constants) is the same, in this process: calling `batch`
     again, or a Dask worker receiving a new job, compiles nothing."""
-    if self._jitted is None:
-      key = self.program_key()
-      with _COMPILED_LOCK:
+    # One lock for all: device threads call this together on a new job,
+    # and must neither trace it twice nor read a half-made key.
+    with _COMPILED_LOCK:
+      if self._jitted is None:
+        key = self.program_key()
         function = _COMPILED.pop(key, None) or jax.jit(self._standalone())
         _COMPILED[key] = function
         while len(_COMPILED) > _COMPILED_MAX:
           _COMPILED.popitem(last=False)
-      self._jitted = function
+        self._jitted = function
     return self._jitted
 
   def _forms(self) -> list:
@@ -261,11 +263,12 @@ class BlockJob:
   def _traced(self) -> list:
     """(jaxpr text, constants) of each form, traced once."""
     if self._programs is None:
-      self._programs = []
+      programs = []     # assigned whole: never seen half made
       for i, j in self._forms():
         closed = jax.make_jaxpr(self._call)(*self._inputs(i, j))
         text = re.sub(r'0x[0-9a-f]+', '0x', str(closed.jaxpr))
-        self._programs.append((text, closed.consts))
+        programs.append((text, closed.consts))
+      self._programs = programs
     return self._programs
 
   def program_key(self) -> str:
@@ -438,7 +441,7 @@ class BlockJob:
 # Jit-compiled block functions by program key, most recently used last.
 _COMPILED = collections.OrderedDict()
 _COMPILED_MAX = 8
-_COMPILED_LOCK = threading.Lock()
+_COMPILED_LOCK = threading.RLock()
 
 
 def _block_call(kernel_fn, is_stax: bool, get, static: tuple, treedef,
