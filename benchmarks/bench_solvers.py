@@ -1,7 +1,8 @@
 """Iterative solves (solver=solvers.CG) against dense Cholesky, out of core, and on real digits.
 
-Three cases, each with the goal stated in the issue; the script measures and
-reports whether each goal is met (no timing asserts anywhere). Every case
+Three cases; the first two with the goal stated in the issue, the third a
+demonstration on real data. The script measures and reports whether each
+goal is met (no timing asserts anywhere). Every case
 runs in its own child process (watched by _watch.run: its peak RSS,
 ru_maxrss, is the case's own, and one case running out of memory cannot
 take the others down).
@@ -61,7 +62,9 @@ advise: CG's products then sum in float64.
    product reads the whole stored triangle, 7.2 GB at N = 60,000; the store
    was just written, so it is read from the page cache if it fits there),
    and where the time went (reads from the store, float64 products,
-   preconditioner). The N run is chosen to fit a ~40-minute budget on this
+   preconditioner); each product also records the cores other processes
+   kept busy since the previous one, and `product_seconds_quiet_median` is
+   the median over products with under 0.3 such cores. The N run is chosen to fit a ~40-minute budget on this
    machine (`OOC_N`); when it is below 60,000, the record says so and
    extrapolates the per-iteration time to 60,000 (reads and products
    scale as N^2). Single run (tens of minutes).
@@ -73,25 +76,32 @@ advise: CG's products then sum in float64.
    one pixel in each of the 8 directions (zero fill, on the raw pixels,
    where 0 is the background), 9x the training data. Network: CNN-GAP,
    stax.serial(Conv(64, (3, 3), SAME), Relu(), Conv(64, (3, 3), SAME),
-   Relu(), GlobalAvgPool(), Dense(10)); one kernel entry costs ~30 us on
-   this 2-core machine (every pair of pixels of every pair of images), so
-   the full augmented kernel (11,313^2 / 2 entries) would take ~35 minutes:
-   the training set is a stratified subsample of `DIGITS_BASE` base images
-   (the same for both arms). The augmented kernel is stored (`batch(kfn,
+   Relu(), GlobalAvgPool(), Dense(10)); one kernel entry costs ~16 us on
+   this 2-core machine (every pair of pixels of every pair of images;
+   measured in the full run, `microseconds_per_entry`), so the full
+   augmented kernels (11,313^2 / 2 + 540 x 11,313 entries) would take ~20
+   minutes, and the stored CG (~100 products of a store in 100-sample
+   chunks, ~4 s each) several more: the training set is a stratified
+   subsample of `DIGITS_BASE` base images (the same for both arms). The augmented kernel is stored (`batch(kfn,
    100, store=...)`, originals first), so the unaugmented arm's kernels are
    its leading rows and columns (read from the store, not recomputed).
    Targets one-hot minus 0.1; diag_reg 1e-4 (relative); t = inf; CG
    (tol 1e-6) on the in-memory (unaugmented) and stored (augmented)
    kernels. Reported: test accuracy of both arms, sizes, kernel and solve
    times, and the CG predictions' difference from a float64 Cholesky
-   solve of the same systems. Goal (a demonstration): both arms solve,
-   and augmentation does not lower the accuracy.
+   solve of the same systems. The issue sets no goal (a demonstration):
+   the accuracies are reported, not judged; `goal_met` says whether both
+   arms' CG solves converged and match the Cholesky predictions to 1e-4.
 
 Output: benchmarks/results/solvers_<backend>.json (solvers_<backend>_quick
 .json for --quick): machine info with the 1-minute load average at the
 start and end of the run and of each case, ntkjax's git state, and one
 record per case with its numbers, `goal`, `goal_met` and a `status`
-stating the verdict (shown in the README table). Before each case the
+stating the verdict (shown in the README table); each record also
+carries the digest of ntkjax's sources at its start and whether they
+changed while it ran (others edit ntkjax/ on this machine). `--update`
+runs the given cases and replaces only their records in the existing
+file (the others, and their provenance, are kept). Before each case the
 script waits (up to 20 minutes, polling every 30 s) until no other
 benchmark or test run is running (`pgrep -f` of OTHER_JOBS), then up to
 60 s for the CPUs to go quiet; `other_cores` records the cores other
@@ -102,6 +112,8 @@ Usage:
     python benchmarks/bench_solvers.py --quick       # N = 3000, 4000, 100
     python benchmarks/bench_solvers.py --cases digits   # a subset
                                                      # (printed, not written)
+    python benchmarks/bench_solvers.py --cases digits --update
+                                                     # (merged into the file)
 """
 
 from __future__ import annotations
@@ -143,7 +155,10 @@ GOALS = {
     'cg_vs_cholesky': 'time(CG) / time(float64 Cholesky) <= 0.2 and test '
                       'predictions equal to 1e-4 (max relative difference)',
     'out_of_core': 'peak RSS of the solving process <= 4 GB',
-    'digits': 'CG solves both arms; augmentation does not lower test accuracy',
+    # The issue sets no goal here (a demonstration): the test accuracies
+    # with and without augmentation are reported, not judged.
+    'digits': 'demonstration: CG solves both arms (converged, test '
+              'predictions equal to a float64 Cholesky solve to 1e-4)',
 }
 RATIO_GOAL, AGREEMENT_GOAL, RSS_GOAL_BYTES = 0.2, 1e-4, 4e9
 # Other jobs that share this machine (pgrep -f patterns): a case waits for
@@ -272,12 +287,17 @@ def instrument_solvers(timers: Timers, after=None):
   timers.wrap(solvers, 'product', 'test_product')       # K_test @ alpha
   timers.wrap(solvers, '_block_product', 'block_product')
   timers.wrap(store.StoredKernel, '__getitem__', 'store_read')
+  if hasattr(solvers, '_float32_product'):
+    # Mixed-precision refinement (in-memory float32 kernels): the float32
+    # products inside CG, looked up as a module global at call time.
+    timers.wrap(solvers, '_float32_product', 'fast_product', block=True)
 
 
 def cg_profile(timers: Timers, iterations: int, total: float) -> dict:
   """Where one CG predict call's time went (seconds)."""
   loop = timers.total('cg_loop')
   products = timers.total('product', within='cg_loop')
+  fast = timers.total('fast_product', within='cg_loop')
   apply = timers.total('preconditioner_apply', within='cg_loop')
   build = timers.total('preconditioner_build')
   parts = {
@@ -292,9 +312,16 @@ def cg_profile(timers: Timers, iterations: int, total: float) -> dict:
       'preconditioner_columns_calls': len(timers.durations(
           'columns', within='preconditioner_build')),
       'cg_loop_seconds': loop,
+      # Exact products (float64 sums): every CG step, or only the residuals
+      # of mixed-precision refinement, whose steps use float32 products.
       'cg_products_seconds': products,
+      'cg_exact_products': len(timers.durations('product',
+                                                within='cg_loop')),
+      'cg_float32_products_seconds': fast,
+      'cg_float32_products': len(timers.durations('fast_product',
+                                                  within='cg_loop')),
       'cg_preconditioner_apply_seconds': apply,
-      'cg_recurrence_seconds': loop - products - apply,
+      'cg_recurrence_seconds': loop - products - fast - apply,
       'test_product_seconds': timers.total('test_product'),
   }
   parts['other_seconds'] = total - (
@@ -302,6 +329,8 @@ def cg_profile(timers: Timers, iterations: int, total: float) -> dict:
       parts['test_product_seconds'])
   product_times = timers.durations('product', within='cg_loop')
   parts['product_seconds_median'] = median(product_times)
+  parts['float32_product_seconds_median'] = median(
+      timers.durations('fast_product', within='cg_loop'))
   parts['seconds_per_iteration'] = loop / iterations if iterations else None
   return {k: rounded(v) if isinstance(v, float) else v
           for k, v in parts.items()}
@@ -484,6 +513,11 @@ def cg_vs_cholesky(quick: bool) -> dict:
           out['cg_seconds_warm'] / median(out['cholesky_seconds'])),
       ratio_cg_to_cholesky_skylakex_estimate=rounded(
           ratio * HASWELL_SLOWDOWN),
+      # Against the factorization alone (the dense path also spends time
+      # regularizing: eager K + c * eye(N) in float64, and solving).
+      ratio_cg_to_cholesky_factorization_only=rounded(median(
+          a / b['cholesky_factor_seconds'] for a, b in zip(
+              out['cg_seconds'], out['cholesky_runs']))),
       goal_value=rounded(ratio, 3), goal_met=met,
       status=verdict(
           met, f'CG {median(out["cg_seconds"]):.3g} s / Cholesky '
@@ -544,13 +578,19 @@ def ooc_solve_child(directory: str) -> dict:
   y = np.load(os.path.join(directory, 'y.npy'))
   timers = Timers()
   count = [0]
+  last = [time.perf_counter(), _watch._other_cpu()]
 
   def report(key, start, end):
     # One line per product, so a run killed at its time limit still tells
-    # its per-iteration time.
+    # its per-iteration time, with the cores other processes kept busy
+    # since the previous product (this process's own CPU excluded).
     count[0] += 1
+    now, other = time.perf_counter(), _watch._other_cpu()
+    cores = max(0., other - last[1]) / max(now - last[0], 1e-9)
+    last[:] = [now, other]
     print(json.dumps({'event': key, 'index': count[0],
                       'seconds': round(end - start, 3),
+                      'other_cores': round(cores, 2),
                       'peak_rss_mib': _common.peak_rss_mib()}), flush=True)
   instrument_solvers(timers, after=report)
   rss_before = _common.peak_rss_mib()
@@ -632,6 +672,14 @@ def out_of_core(quick: bool) -> dict:
         other_cores=solved['other_cores'])
     return record
   out = solved['record']
+  # Products timed while other processes kept < QUIET_CORES busy.
+  quiet = [e['seconds'] for e in events if e['event'] == 'product'
+           and e.get('other_cores', 1.) < QUIET_CORES]
+  record.update(
+      product_other_cores=[e.get('other_cores') for e in events
+                           if e['event'] == 'product'],
+      quiet_products=len(quiet),
+      product_seconds_quiet_median=rounded(median(quiet)))
   peak = out['peak_rss_mib']
   peak_bytes = peak * 1024 ** 2
   met = peak_bytes <= RSS_GOAL_BYTES
@@ -652,7 +700,8 @@ def out_of_core(quick: bool) -> dict:
         'products scale as N^2); iterations grow slowly with N too')
   status = (f'peak RSS {peak_bytes / 1e9:.2f} GB '
             f'{"<=" if met else ">"} 4 GB; N = {n}: {out["iterations"]} CG '
-            f'iterations, {per_iteration:.3g} s each, solve '
+            f'iterations, {per_iteration:.3g} s each (quiet products: '
+            f'{median(quiet) or float("nan"):.3g} s), solve '
             f'{out["solve_seconds"]:.4g} s, store '
             f'{record["store"]["kernel_seconds"]:.3g} s')
   if n < 60_000 and not quick:
@@ -769,9 +818,10 @@ def digits(quick: bool) -> dict:
             'goal': GOALS['digits'],
             'subsample_note': (
                 f'{n_base} of the 1257 training images (stratified, seed 0),'
-                f' {9 * n_base} with augmentation: the full augmented kernel'
-                ' (11,313^2 / 2 entries at ~30 us each) would take ~35 min '
-                'on this 2-core machine')}
+                f' {9 * n_base} with augmentation: the full augmented '
+                'kernels (11,313^2 / 2 + 540 x 11,313 entries at ~16 us '
+                'each) would take ~20 min on this 2-core machine, plus the '
+                'stored CG')}
   directory = tempfile.mkdtemp(prefix='ntkjax_bench_solvers_', dir='/tmp')
   try:
     result = run_child('digits', [str(n_base), directory])
@@ -783,8 +833,9 @@ def digits(quick: bool) -> dict:
     return record
   out = result['record']
   plain, aug = out['arms']['plain'], out['arms']['augmented']
-  met = (plain['converged'] and aug['converged'] and
-         aug['test_accuracy'] >= plain['test_accuracy'])
+  met = all(arm['converged'] and arm['max_relative_difference_to_cholesky']
+            <= AGREEMENT_GOAL for arm in (plain, aug))
+  change = aug['test_accuracy'] - plain['test_accuracy']
   record.update(out)
   record.update(
       N=out['N_train'],
@@ -792,14 +843,21 @@ def digits(quick: bool) -> dict:
                                    out['test_kernel_seconds'] +
                                    plain['solve_seconds'] +
                                    aug['solve_seconds']),
-      goal_value=aug['test_accuracy'], goal_met=met,
+      accuracy_change_with_augmentation=round(change, 4),
+      goal_value=max(plain['max_relative_difference_to_cholesky'],
+                     aug['max_relative_difference_to_cholesky']),
+      goal_met=met,
       other_cores=result['other_cores'],
       child_wall_seconds=result['wall_seconds'],
       status=verdict(
           met, f'test accuracy {plain["test_accuracy"]:.4f} without '
           f'augmentation ({plain["N_train"]} train), '
-          f'{aug["test_accuracy"]:.4f} with ({aug["N_train"]}); CG '
-          f'{plain["iterations"]} / {aug["iterations"]} iterations'))
+          f'{aug["test_accuracy"]:.4f} with ({aug["N_train"]}; '
+          f'{change * out["N_test"]:+.0f} of {out["N_test"]} test images '
+          f'right); CG {plain["iterations"]} / '
+          f'{aug["iterations"]} iterations, both within '
+          f'{max(plain["max_relative_difference_to_cholesky"], aug["max_relative_difference_to_cholesky"]):.1g}'
+          ' of Cholesky'))
   return record
 
 
@@ -929,6 +987,28 @@ def child_main(kind: str, args: list) -> int:
   return 0
 
 
+def merged(records: list, quick: bool) -> list:
+  """`records` in place of the same cases in the existing results file,
+  in CASES order (cases it lacks are added)."""
+  import jax
+  path = os.path.join(_common.RESULTS_DIR, f'solvers_{jax.default_backend()}'
+                      f'{"_quick" if quick else ""}.json')
+  try:
+    with open(path) as f:
+      payload = json.load(f)
+    old = {r['case']: r for r in payload['cases']}
+  except (OSError, ValueError, KeyError):
+    payload, old = {}, {}
+  for r in old.values():
+    if 'ntkjax_sources_sha256' not in r:   # from a run before per-case
+      r.update(                            # provenance: that run's
+          ntkjax_commit_at_end_of_its_run=payload.get('ntkjax_commit'),
+          ntkjax_sources_changed_during_its_run=payload.get(
+              'ntkjax_sources_changed_during_run'))
+  old.update({r['case']: r for r in records})
+  return [old[c] for c in CASES if c in old]
+
+
 RUNNERS = {'cg_vs_cholesky': cg_vs_cholesky, 'out_of_core': out_of_core,
            'digits': digits}
 
@@ -941,6 +1021,8 @@ def main(argv=None) -> int:
   parser.add_argument('--cases', nargs='+', choices=CASES,
                       default=list(CASES),
                       help='run only these (printed, not written)')
+  parser.add_argument('--update', action='store_true',
+                      help='replace only these cases in the existing file')
   parser.add_argument('--child', nargs='+', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:
@@ -956,17 +1038,25 @@ def main(argv=None) -> int:
     waited = wait_for_other_jobs() if not args.quick else {}
     case_load = loadavg()
     case_start = time.perf_counter()
+    case_digest = source_digest()
     record = RUNNERS[case](args.quick)
     record.update(waited, loadavg_1min_start=case_load,
                   loadavg_1min_end=loadavg(),
                   case_wall_seconds=round(time.perf_counter() - case_start,
-                                          1))
+                                          1),
+                  ntkjax_commit=git_state()['ntkjax_commit'],
+                  ntkjax_sources_sha256=case_digest,
+                  ntkjax_sources_changed_during_case=(
+                      source_digest() != case_digest),
+                  run_finished=time.strftime('%Y-%m-%d %H:%M:%S'))
     print(f'  {record.get("status")}', flush=True)
     records.append(record)
   changed = source_digest() != digest
   if changed:
     print('warning: ntkjax sources changed during the run', file=sys.stderr)
-  if list(args.cases) != list(CASES):
+  if args.update:
+    records = merged(records, args.quick)
+  elif list(args.cases) != list(CASES):
     _common.print_table(records, COLUMNS)
     print(json.dumps(records, indent=2))
     return 0
