@@ -49,8 +49,8 @@ def monte_carlo_kernel_fn(init_fn: Callable, apply_fn: Callable, key,
                           batch_size: int = 0, device_count: int = -1,
                           store_on_device: bool = True,
                           trace_axes: Axes = (-1,), diagonal_axes: Axes = (),
-                          vmap_axes=None,
-                          implementation=NtkImplementation.JACOBIAN_CONTRACTION
+                          vmap_axes='auto',
+                          implementation=NtkImplementation.AUTO
                           ) -> Callable:
   """Kernels averaged over random initializations of a finite network.
 

@@ -1,13 +1,12 @@
 """Structured derivatives: the empirical NTK without forming Jacobians.
 
-For a parameter W consumed by one equation y = op(a, W) that is linear in W,
-the chain rule factors the Jacobian of the outputs through y:
+For a parameter W consumed by one equation y = op(..., W, ...) that is linear
+in W, the chain rule factors the Jacobian of the outputs through y:
 
     df/dW = (df/dy) (dy/dW),
 
-and dy/dW is known in closed form. For a contraction y = dot_general(a, W)
-the Jacobian of output o is J[o] = g[o] . a with g = df/dy contracted over
-the dimensions of y that W does not carry, so
+and dy/dW is known in closed form. Write g = df/dy (one cotangent per output
+entry o). For a contraction y = dot_general(a, W), J[o] = g[o] . a, so
 
     NTK_W[o1, o2] = <J1[o1], J2[o2]> = einsum(g1, a1, g2, a2)
 
@@ -16,25 +15,53 @@ optimizer then picks the cheapest order, typically (a1 . a2) * (g1 . g2): for
 a dense layer of width n_in -> n_out and per-example cotangents this costs
 N1 N2 (n_in + O^2 n_out) instead of N1 N2 O^2 n_in n_out for the Jacobian
 contraction (Novak, Sohl-Dickstein & Schoenholz 2022, "Fast finite width
-neural tangent kernel"). A convolution is a contraction of the kernel with
-the image patches of its input (`lax.conv_general_dilated_patches`), so the
-same formula holds with `a` replaced by the patches.
+neural tangent kernel").
+
+The rules are one table, `RULES`: primitive name -> `Rule`, each stating
+(a) when it applies (which operand holds the parameter view, conditions on
+the equation's parameters), (b) what to record during the forward pass and
+(c) the einsum subscripts, for ONE side, of the cotangent g of y and of the
+records, the parameter's dimensions named by letters shared between the two
+sides and every other dimension by a letter private to its side:
+
+  dot_general      y = a . W            J = g . a          records a
+  conv             y = conv(a, W)       J = g . patches(a) records the patches
+  add, add_any     y = a + b            J = sum_bcast g    records nothing
+  sub              y = a - b, b - a     J = -/+ sum_bcast g  records the sign
+  mul              y = a * s            J = sum_bcast g * a  records a
+  div              y = s / a            J = sum_bcast g / a  records 1 / a
+  broadcast_in_dim y = broadcast(b)     J = sum_new g      records nothing
+
+"sum_bcast" sums over the dimensions of y along which the parameter view is
+broadcast (size 1 against a larger size, or a scalar): JAX emits a bias add
+`x @ W + b` as `broadcast_in_dim` of b to (1, n) (size preserving, a view)
+and an `add` with size-1 broadcasting, or as a plain `add` when `f` is traced
+on one example without a batch axis; a bias broadcast that grows the size
+(`jnp.broadcast_to`) is the `broadcast_in_dim` rule. For a bias the kernel is
+einsum(g1[o1, ..., c], g2[o2, ..., c]) with the broadcast dimensions summed
+on each side first (`jnp.einsum` sums an axis private to one operand before
+contracting). That is the same work as the per-leaf fallback (a bias's
+Jacobian is exactly g summed over the broadcast axes, and XLA compiles both
+to the same cost); likewise for a scale. Their rules put every standard
+layer on the structured path, with no per-leaf Jacobian output, rather than
+saving flops. Adding a primitive is one entry in `RULES`.
 
 How it is done, with public JAX APIs only: the jaxpr of `f` (from
 `jax.make_jaxpr`) is flattened (nested `jit` calls inlined) and re-evaluated
 primitive by primitive with `Primitive.bind` (`jax.extend.core`). Each
 structured equation's output gets an additive perturbation `delta`
 (zero), so g = df/d(delta) comes from one reverse pass per output entry
-(`vmap` of `vjp` over output basis vectors), and the operand `a` is recorded
-on the way. Parameter *views* are followed through reshape, transpose, dtype
-conversion and multiplication by a parameter-free scalar (the scale enters
-the NTK squared).
+(`vmap` of `vjp` over output basis vectors), and the rule's records are
+taken on the way. Parameter *views* are followed through reshape, transpose,
+dtype conversion, size-preserving broadcasts and multiplication by a
+parameter-free scalar (the scale enters the NTK squared).
 
 Fallback, never failure: a parameter leaf that is used more than once (after
-its views), used by any other primitive (a bias added by broadcasting, a
-grouped convolution, a custom_jvp function, ...) or returned directly is
-handled by the Jacobian contraction for that leaf alone: its Jacobian comes
-out of the same reverse pass as the cotangents g.
+its views), used by a primitive without a rule or whose rule does not apply
+(a grouped convolution, a custom_jvp function, a nonlinearity, ...), used by
+an equation that also consumes another parameter view, or returned directly
+is handled by the Jacobian contraction for that leaf alone: its Jacobian
+comes out of the same reverse pass as the cotangents g.
 """
 
 from __future__ import annotations
@@ -135,6 +162,200 @@ def _bind(step: _Step, args: list) -> list:
 
 
 # ----------------------------------------------------------------------------
+# The rule table: one entry per primitive that is linear in one operand.
+
+
+class Rule(NamedTuple):
+  """How a primitive y = op(..., v, ...), linear in the parameter view v at
+  operand `position`, is contracted (see the module docstring's table).
+
+  Attributes:
+    applies: `(step, position, avals) -> bool`, whether the rule covers a
+      parameter view at operand `position` of `step`.
+    record: `(step, args, position) -> tuple of arrays`, what the forward
+      pass keeps: the factors of dy/dv other than the identity.
+    subscripts: `(step, position, avals, shared, fresh) -> (y, records)`,
+      einsum subscripts for ONE side of the cotangent g = df/dy (its axes
+      after the output axes) and of each recorded array. `shared(key)` is
+      the letter of v's dimension `key` (the same on both sides, so summed
+      between them); `fresh()` is a letter private to this side (summed on
+      this side, e.g. a dimension of y along which v is broadcast).
+      Then J_v[o] = einsum(g[o], *records) over the side's letters.
+  """
+  applies: Callable
+  record: Callable
+  subscripts: Callable
+
+
+def _shape(avals: dict, operand) -> tuple:
+  """Shape of a slot or of a literal constant operand."""
+  if isinstance(operand, _Const):
+    return np.shape(operand.value)
+  return tuple(avals[operand].shape)
+
+
+def _rank(avals: dict, operand) -> int:
+  """Number of axes of a slot or of a literal constant operand."""
+  return len(_shape(avals, operand))
+
+
+def _dot_letters(step, position, avals, shared, fresh):
+  """dot_general, v at `position`, a the other operand: J = g . a.
+
+  y's axes are (batch, lhs free, rhs free); a's contracting and batch axes
+  carry the letters of v's matching axes, its free axes fresh letters (the
+  same letters in y, so they are summed between g and a on this side).
+  """
+  (lc, rc), (lb, rb) = step.params['dimension_numbers']
+  i = position
+  v_ndim = _rank(avals, step.inputs[i])
+  a_ndim = _rank(avals, step.inputs[1 - i])
+  v_c, a_c = (rc, lc) if i == 1 else (lc, rc)
+  v_b, a_b = (rb, lb) if i == 1 else (lb, rb)
+  a_letters = []
+  for d in range(a_ndim):
+    if d in a_c:
+      a_letters.append(shared(v_c[list(a_c).index(d)]))
+    elif d in a_b:
+      a_letters.append(shared(v_b[list(a_b).index(d)]))
+    else:
+      a_letters.append(fresh())
+  a_free = [a_letters[d] for d in range(a_ndim)
+            if d not in a_c and d not in a_b]
+  v_free = [shared(d) for d in range(v_ndim) if d not in v_c and d not in v_b]
+  batch = [shared(d) for d in v_b]
+  y = batch + (v_free + a_free if i == 0 else a_free + v_free)
+  return ''.join(y), (''.join(a_letters),)
+
+
+def _conv_applies(step, position, avals):
+  # A grouped convolution is block diagonal in the kernel: not this rule.
+  return (position == 1 and step.params['feature_group_count'] == 1 and
+          step.params['batch_group_count'] == 1)
+
+
+def _conv_patches(step, args, position):
+  """conv(a, W) = patches(a) . W: the patches are the operand to record."""
+  p = step.params
+  rhs_spec = p['dimension_numbers'].rhs_spec
+  filter_shape = tuple(np.shape(args[1])[d] for d in rhs_spec[2:])
+  return (lax.conv_general_dilated_patches(
+      args[0], filter_shape, p['window_strides'], p['padding'],
+      p['lhs_dilation'], p['rhs_dilation'], p['dimension_numbers'],
+      precision=lax.Precision.HIGHEST),)
+
+
+def _conv_letters(step, position, avals, shared, fresh):
+  """conv: y[b, C, s...] = patches[b, K, s...] W[K, C]; batch and spatial
+  axes fresh (summed on this side), K and C shared."""
+  ndim = _rank(avals, step.inputs[0])
+  out_spec = step.params['dimension_numbers'].out_spec
+  patches, y = [None] * ndim, [None] * ndim
+  patches[out_spec[0]] = y[out_spec[0]] = fresh()
+  patches[out_spec[1]], y[out_spec[1]] = shared('K'), shared('C')
+  for d in out_spec[2:]:
+    patches[d] = y[d] = fresh()
+  return ''.join(y), (''.join(patches),)
+
+
+def _broadcast_letters(y_shape, v_shape, shared, fresh):
+  """Letters of y for an elementwise op whose operand v broadcasts to y.
+
+  lax's binary ops take equal ranks with size-1 broadcasting, or a scalar:
+  axis d of y is v's axis d where the sizes agree (shared), and is summed
+  on this side (fresh) where v has size 1 or is a scalar.
+  """
+  if len(v_shape) == 0:
+    return ''.join(fresh() for _ in y_shape)
+  return ''.join(shared(d) if v_shape[d] == y_shape[d] else fresh()
+                 for d in range(len(y_shape)))
+
+
+def _elementwise_applies(step, position, avals):
+  v = _shape(avals, step.inputs[position])
+  y = _shape(avals, step.outputs[0])
+  return (len(step.inputs) == 2 and
+          (len(v) == 0 or (len(v) == len(y) and
+                           all(a in (1, b) for a, b in zip(v, y)))))
+
+
+def _add_letters(step, position, avals, shared, fresh):
+  """y = a + v: dy/dv = 1, J_v[o] = sum over v's broadcast axes of g[o]."""
+  y = _shape(avals, step.outputs[0])
+  return (_broadcast_letters(y, _shape(avals, step.inputs[position]), shared,
+                             fresh), ())
+
+
+def _sub_record(step, args, position):
+  """y = a - v: dy/dv = -1 (squares away in the NTK, kept for exactness)."""
+  dtype = jnp.result_type(args[position])
+  return () if position == 0 else (-jnp.ones((), dtype),)
+
+
+def _sub_letters(step, position, avals, shared, fresh):
+  y, _ = _add_letters(step, position, avals, shared, fresh)
+  return y, (() if position == 0 else ('',))
+
+
+def _mul_letters(step, position, avals, shared, fresh):
+  """y = a * v (or v / a with the record 1 / a): dy/dv = a, elementwise, so
+  J_v[o] = sum over v's broadcast axes of g[o] * a. a's axes take y's
+  letters, except its own size-1 (broadcast) axes, which get fresh ones."""
+  y_shape = _shape(avals, step.outputs[0])
+  a_shape = _shape(avals, step.inputs[1 - position])
+  y = _broadcast_letters(y_shape, _shape(avals, step.inputs[position]),
+                         shared, fresh)
+  if len(a_shape) == 0:
+    return y, ('',)
+  a = ''.join(y[d] if a_shape[d] == y_shape[d] else fresh()
+              for d in range(len(y_shape)))
+  return y, (a,)
+
+
+def _broadcast_applies(step, position, avals):
+  return position == 0 and len(step.inputs) == 1
+
+
+def _broadcast_in_dim_letters(step, position, avals, shared, fresh):
+  """y = broadcast_in_dim(v): axis broadcast_dimensions[j] of y is v's axis
+  j (shared, unless v has size 1 there); the other axes of y are new.
+  J_v[o] = sum over the new and size-1-broadcast axes of g[o]."""
+  y_shape = _shape(avals, step.outputs[0])
+  v_shape = _shape(avals, step.inputs[0])
+  dims = list(step.params['broadcast_dimensions'])
+  y = []
+  for d in range(len(y_shape)):
+    j = dims.index(d) if d in dims else None
+    y.append(shared(j) if j is not None and v_shape[j] == y_shape[d]
+             else fresh())
+  return ''.join(y), ()
+
+
+_always = lambda step, position, avals: True
+_nothing = lambda step, args, position: ()
+_ADD = Rule(_elementwise_applies, _nothing, _add_letters)
+
+RULES = {
+    'dot_general': Rule(_always,
+                        lambda step, args, i: (args[1 - i],), _dot_letters),
+    'conv_general_dilated': Rule(_conv_applies, _conv_patches, _conv_letters),
+    'add': _ADD,
+    'add_any': _ADD,
+    'sub': Rule(_elementwise_applies, _sub_record, _sub_letters),
+    'mul': Rule(_elementwise_applies,
+                lambda step, args, i: (jnp.asarray(args[1 - i]),),
+                _mul_letters),
+    # Only v / a is linear in v; a / v is not (it stays a fallback).
+    'div': Rule(lambda step, i, avals: i == 0 and _elementwise_applies(
+                    step, i, avals),
+                lambda step, args, i: (1 / jnp.asarray(args[1]),),
+                _mul_letters),
+    'broadcast_in_dim': Rule(_broadcast_applies, _nothing,
+                             _broadcast_in_dim_letters),
+}
+
+
+# ----------------------------------------------------------------------------
 # Analysis: which parameter leaves have one structured use.
 
 
@@ -143,7 +364,7 @@ class Use(NamedTuple):
   leaf: int
   step: int
   position: int
-  kind: str                  # 'dot_general' or 'conv'
+  kind: Optional[str]        # its `RULES` key; None = not structured
 
 
 class Analysis(NamedTuple):
@@ -197,16 +418,14 @@ def analyze(program: Program, avals: dict) -> Analysis:
       if relabel or scale:
         views[step.outputs[0]] = leaf0
         continue
+    rule = RULES.get(name)
     for i in view_positions:
-      leaf = views[ins[i]]
-      kind = None
-      if name == 'dot_general':
-        kind = 'dot_general'
-      elif (name == 'conv_general_dilated' and i == 1 and
-            step.params['feature_group_count'] == 1 and
-            step.params['batch_group_count'] == 1):
-        kind = 'conv'
-      uses[leaf].append(Use(leaf, index, i, kind))
+      # One perturbation and one record per step: an equation consuming two
+      # parameter views (W1 @ W2, b + b) leaves both leaves to the fallback.
+      structured = (rule is not None and len(view_positions) == 1 and
+                    len(step.outputs) == 1 and rule.applies(step, i, avals))
+      uses[views[ins[i]]].append(
+          Use(views[ins[i]], index, i, name if structured else None))
   for out in program.outputs:               # f returns a parameter view
     if not isinstance(out, _Const) and out in views:
       uses[views[out]].append(Use(views[out], -1, 0, None))
@@ -235,13 +454,6 @@ def slot_avals(program: Program, leaves, xs) -> dict:
   return avals
 
 
-def _rank(avals: dict, operand) -> int:
-  """Number of axes of a slot or of a literal constant operand."""
-  if isinstance(operand, _Const):
-    return np.ndim(operand.value)
-  return len(avals[operand].shape)
-
-
 def evaluate(program: Program, leaves, xs, deltas: dict,
              uses: tuple = (), views: Optional[dict] = None,
              avals_out: Optional[dict] = None):
@@ -257,9 +469,10 @@ def evaluate(program: Program, leaves, xs, deltas: dict,
     avals_out: if a dict, filled with slot -> ShapeDtypeStruct.
 
   Returns:
-    (outputs, records) with records[k] = (operand, scale) for uses[k]: the
-    non-parameter operand of a dot_general, or the image patches of a
-    convolution's input, and the product of the scalars the parameter view
+    (outputs, records) with records[k] = (arrays, scale) for uses[k]: the
+    arrays its rule records (`Rule.record`: the other operand of a
+    dot_general or mul, the image patches of a convolution's input, nothing
+    for a bias add, ...) and the product of the scalars the parameter view
     was multiplied by.
   """
   env = dict(zip(program.param_slots, leaves))
@@ -281,7 +494,8 @@ def evaluate(program: Program, leaves, xs, deltas: dict,
     if index in by_step:
       use = by_step[index]
       scale = scales.get(step.inputs[use.position], 1.)
-      records[index] = (_operand(step, args, use), scale)
+      records[index] = (RULES[use.kind].record(step, args, use.position),
+                        scale)
     if index in deltas:
       outs[0] = outs[0] + deltas[index]
     for slot, value in zip(step.outputs, outs):
@@ -308,24 +522,13 @@ def _track_scale(step, args, scales):
     scales[step.outputs[0]] = scales[ins[0]]
 
 
-def _operand(step: _Step, args: list, use: Use):
-  if use.kind == 'dot_general':
-    return args[1 - use.position]
-  p = step.params
-  rhs_spec = p['dimension_numbers'].rhs_spec
-  filter_shape = tuple(np.shape(args[1])[d] for d in rhs_spec[2:])
-  return lax.conv_general_dilated_patches(
-      args[0], filter_shape, p['window_strides'], p['padding'],
-      p['lhs_dilation'], p['rhs_dilation'], p['dimension_numbers'],
-      precision=lax.Precision.HIGHEST)
-
-
 # ----------------------------------------------------------------------------
 # The NTK from cotangents and recorded operands.
 
 
 class _Side(NamedTuple):
-  """Per-side quantities: cotangents g, operands a, scales, fallback J."""
+  """Per-side quantities, one entry per structured use (cotangents g, the
+  tuple of its rule's records, view scales) or per fallback leaf (J)."""
   cotangents: list
   operands: list
   scales: list
@@ -362,43 +565,6 @@ def _side(program: Program, analysis: Analysis, avals: dict, leaves,
   return one(xs)
 
 
-def _dot_letters(step, use, v_ndim, a_ndim, shared, fresh):
-  """Subscripts (a, y) for one side of a dot_general with parameter view v.
-
-  `shared(d)` gives v's dimension d its letter (common to both sides);
-  `fresh()` a new letter for a free dimension of a (this side only).
-  """
-  (lc, rc), (lb, rb) = step.params['dimension_numbers']
-  i = use.position
-  v_c, a_c = (rc, lc) if i == 1 else (lc, rc)
-  v_b, a_b = (rb, lb) if i == 1 else (lb, rb)
-  a_letters = []
-  for d in range(a_ndim):
-    if d in a_c:
-      a_letters.append(shared(v_c[list(a_c).index(d)]))
-    elif d in a_b:
-      a_letters.append(shared(v_b[list(a_b).index(d)]))
-    else:
-      a_letters.append(fresh())
-  a_free = [a_letters[d] for d in range(a_ndim) if d not in a_c and d not in a_b]
-  v_free = [shared(d) for d in range(v_ndim) if d not in v_c and d not in v_b]
-  batch = [shared(d) for d in v_b]
-  y = batch + (v_free + a_free if i == 0 else a_free + v_free)
-  return ''.join(a_letters), ''.join(y)
-
-
-def _conv_letters(step, ndim, shared, fresh):
-  """Subscripts (patches, y) for one side of a convolution."""
-  out_spec = step.params['dimension_numbers'].out_spec
-  patches, y = [None] * ndim, [None] * ndim
-  batch = fresh()
-  patches[out_spec[0]] = y[out_spec[0]] = batch
-  patches[out_spec[1]], y[out_spec[1]] = shared('K'), shared('C')
-  for d in out_spec[2:]:
-    patches[d] = y[d] = fresh()
-  return ''.join(patches), ''.join(y)
-
-
 def contract(program: Program, analysis: Analysis, avals: dict, side1: _Side,
              side2: _Side, out1: str, out2: str, result: str,
              batched: bool) -> jnp.ndarray:
@@ -428,17 +594,11 @@ def contract(program: Program, analysis: Analysis, avals: dict, side1: _Side,
     terms, operands = [], []
     for side, out in ((side1, out1), (side2, out2)):
       fresh = lambda: next(letters)
-      a = side.operands[k]
-      if use.kind == 'dot_general':
-        v_ndim = _rank(avals, step.inputs[use.position])
-        a_ndim = _rank(avals, step.inputs[1 - use.position])
-        a_sub, y_sub = _dot_letters(step, use, v_ndim, a_ndim, shared, fresh)
-      else:
-        a_sub, y_sub = _conv_letters(step, _rank(avals, step.inputs[0]),
-                                     shared, fresh)
+      y_sub, record_subs = RULES[use.kind].subscripts(
+          step, use.position, avals, shared, fresh)
       prefix = out[0] if batched else ''   # the example axis
-      terms += [out + y_sub, prefix + a_sub, prefix]
-      operands += [side.cotangents[k], a, side.scales[k]]
+      terms += [out + y_sub, *(prefix + s for s in record_subs), prefix]
+      operands += [side.cotangents[k], *side.operands[k], side.scales[k]]
     total = total + jnp.einsum(','.join(terms) + '->' + result, *operands)
   for k, leaf in enumerate(analysis.fallback_leaves):
     letters = new_letters()

@@ -108,8 +108,9 @@ def test_dense_layers_of_stax_both_parameterizations():
       stax.Dense(4, W_std=0.9, b_std=0.1, parameterization='standard'),
       stax.Gelu(), stax.Dense(2))
   _, params = init_fn(jax.random.PRNGKey(0), (-1, 3))
-  # leaves: (W1, b1), (), (W2, b2), (), (W3, b3); weights are structured.
-  _check(apply_fn, params, (1, 3), structured_leaves=[0, 2, 4])
+  # leaves: (W1, b1), (), (W2, b2), (), (W3,): weights and biases are
+  # structured (dot_general and add rules).
+  _check(apply_fn, params, (1, 3), structured_leaves=[0, 1, 2, 3, 4])
 
 
 def test_batched_contraction_and_parameter_as_left_operand():
@@ -131,10 +132,11 @@ def test_batched_contraction_and_parameter_as_left_operand():
 
 
 def test_fallback_leaves_are_exact():
-  """Shared weights, biases, nonlinear use of a parameter, a parameter
-  returned as an output, an unused parameter, a grouped convolution, a
-  custom_jvp function and a scan over the parameters: all handled by the
-  per-leaf Jacobian fallback; the one plain dense weight stays structured."""
+  """Shared weights, nonlinear use of a parameter, a parameter returned as
+  an output, an unused parameter, a grouped convolution, a custom_jvp
+  function and a scan over the parameters: all handled by the per-leaf
+  Jacobian fallback; the plain dense weight and the two biases (added once
+  each: the `add` rule) stay structured."""
   params = {'a_shared': _normal(1, (3, 3)), 'b_bias': _normal(2, (3,)),
             'c_nonlinear': _normal(3, (3,)), 'd_returned': _normal(4, (1,)),
             'e_unused': _normal(5, (2,)), 'f_grouped': _normal(6, (2, 1, 2)),
@@ -150,7 +152,7 @@ def test_fallback_leaves_are_exact():
     h = h + img.sum((1, 2))[:, None]
     h, _ = lax.scan(lambda c, w: (jnp.tanh(c * w), None), h, p['g_scan'])
     return jnp.concatenate([h, h[:, :1] * 0 + p['d_returned']], axis=-1)
-  _check(f, params, (1, 3), structured_leaves=[7])
+  _check(f, params, (1, 3), structured_leaves=[1, 3, 7])
 
 
 def test_nested_jit_is_inlined():
