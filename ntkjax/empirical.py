@@ -122,6 +122,40 @@ def _axes_for(fx, trace_axes, diagonal_axes, who):
   return trace, diagonal
 
 
+# Full float32 accuracy by default (see `empirical_ntk_fn`).
+DEFAULT_PRECISION = 'highest'
+_PRECISIONS = {None: None, 'default': 'default', 'high': 'high',
+               'highest': 'highest', 'float32': 'highest',
+               'tensorfloat32': 'high', 'bfloat16': 'default'}
+
+
+def _with_precision(precision, who: str):
+  """Decorator: trace the kernel function under `precision`.
+
+  `jax.default_matmul_precision` is a tracing-time setting, so under an
+  outer `jit` it still applies to everything traced inside.
+  """
+  if isinstance(precision, jax.lax.Precision):
+    precision = {jax.lax.Precision.DEFAULT: 'default',
+                 jax.lax.Precision.HIGH: 'high',
+                 jax.lax.Precision.HIGHEST: 'highest'}[precision]
+  if precision not in _PRECISIONS:
+    raise ValueError(f'{who}: precision={precision!r}; use None, '
+                     "'default', 'high', 'highest' or a jax.lax.Precision.")
+  name = _PRECISIONS[precision]
+
+  def decorate(fn):
+    if name is None:
+      return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+      with jax.default_matmul_precision(name):
+        return fn(*args, **kwargs)
+    return wrapped
+  return decorate
+
+
 def _trace_size(shape, trace) -> int:
   return int(np.prod([shape[a] for a in trace])) if trace else 1
 
@@ -142,17 +176,21 @@ def _call(f, params, x, kwargs, who):
 
 
 def empirical_nngp_fn(f: Callable, trace_axes: Axes = (-1,),
-                      diagonal_axes: Axes = ()) -> Callable:
+                      diagonal_axes: Axes = (),
+                      precision: Any = DEFAULT_PRECISION) -> Callable:
   """The empirical NNGP kernel (outer product of outputs) of `f`.
 
   Args:
     f: `f(params, x, **kwargs) -> array`.
     trace_axes: output axes averaged over (see module docstring).
     diagonal_axes: output axes on which only the diagonal is kept.
+    precision: matmul precision of the calls of `f` and of the contraction
+      (see `empirical_ntk_fn`).
 
   Returns:
     `nngp_fn(x1, x2, params, **kwargs)`; `x2=None` means `x2 = x1`.
   """
+  @_with_precision(precision, 'empirical_nngp_fn')
   def nngp_fn(x1, x2, params, **kwargs):
     fx1 = _call(f, params, x1, kwargs, 'empirical_nngp_fn')
     fx2 = fx1 if x2 is None else _call(f, params, x2, kwargs,
@@ -308,7 +346,8 @@ def _ntk_structured(f, params, x1, x2, kwargs, trace, diagonal, ndim, vmap):
 def empirical_ntk_fn(f: Callable, trace_axes: Axes = (-1,),
                      diagonal_axes: Axes = (), vmap_axes: Any = AUTO_AXES,
                      implementation: Union[int, NtkImplementation] =
-                     NtkImplementation.AUTO) -> Callable:
+                     NtkImplementation.AUTO,
+                     precision: Any = DEFAULT_PRECISION) -> Callable:
   """The empirical NTK `J(x1) J(x2)^T` of `f` at `params`.
 
   Args:
@@ -320,12 +359,19 @@ def empirical_ntk_fn(f: Callable, trace_axes: Axes = (-1,),
       module docstring).
     implementation: an `NtkImplementation` (or its int value); AUTO picks
       the cheapest by XLA's cost analysis.
+    precision: matmul precision (`jax.lax.Precision` or its name) of every
+      matrix product traced for the kernel: the contractions and the
+      forward / derivative passes of `f` (except products where `f` sets its
+      own). Default 'highest': full float32 accuracy even where a default
+      float32 matmul would run in TF32 or bfloat16 (GPUs, TPUs); free on
+      CPUs. None keeps JAX's default.
 
   Returns:
     `ntk_fn(x1, x2, params, **kwargs)`; `x2=None` means `x2 = x1`.
   """
   implementation = NtkImplementation(implementation)
 
+  @_with_precision(precision, 'empirical_ntk_fn')
   def ntk_fn(x1, x2, params, **kwargs):
     args = _setup(f, x1, x2, params, kwargs, trace_axes, diagonal_axes,
                   vmap_axes, 'empirical_ntk_fn')
@@ -463,20 +509,21 @@ def empirical_kernel_fn(f: Callable, trace_axes: Axes = (-1,),
                         diagonal_axes: Axes = (),
                         vmap_axes: Any = AUTO_AXES,
                         implementation: Union[int, NtkImplementation] =
-                        NtkImplementation.AUTO) -> Callable:
+                        NtkImplementation.AUTO,
+                        precision: Any = DEFAULT_PRECISION) -> Callable:
   """Both empirical kernels: `kernel_fn(x1, x2, get, params, **kwargs)`.
 
   Args:
-    f, trace_axes, diagonal_axes, vmap_axes, implementation: as in
-      `empirical_ntk_fn`.
+    f, trace_axes, diagonal_axes, vmap_axes, implementation, precision: as
+      in `empirical_ntk_fn`.
 
   Returns:
     `kernel_fn(x1, x2, get, params, **kwargs)`: `get` is 'nngp', 'ntk', a
     tuple of them (a named tuple) or None (both).
   """
-  fns = {'nngp': empirical_nngp_fn(f, trace_axes, diagonal_axes),
+  fns = {'nngp': empirical_nngp_fn(f, trace_axes, diagonal_axes, precision),
          'ntk': empirical_ntk_fn(f, trace_axes, diagonal_axes, vmap_axes,
-                                 implementation)}
+                                 implementation, precision)}
 
   def kernel_fn(x1, x2, get: Any, params, **kwargs):
     names = ('nngp', 'ntk') if get is None else (

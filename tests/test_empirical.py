@@ -130,3 +130,35 @@ def test_vmap_axes_triple_with_batched_keyword_arguments(implementation):
       ntk_fn(x1, x2, params, **kwargs),
       direct_empirical_kernel(bound, params, x1, x2, (), (), 'ntk'),
       rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('implementation', list(NtkImplementation))
+def test_precision_reaches_every_matrix_product(implementation):
+  """precision='highest' (the default) is the precision of every dot_general
+  and convolution traced for the kernel (the contractions and f's own
+  passes), so float32 kernels keep full accuracy where a default matmul
+  would run in TF32 (GPUs); precision=None leaves JAX's default. Checked on
+  the jaxpr: on a CPU both run at float32 accuracy."""
+  init_fn, apply_fn, _ = stax.serial(stax.Conv(2, (2,), padding='SAME'),
+                                     stax.Relu(), stax.Flatten(),
+                                     stax.Dense(2))
+  _, params = init_fn(jax.random.PRNGKey(0), (-1, 4, 1))
+  x = jnp.ones((3, 4, 1))
+
+  def counts(**kw):
+    """(matrix products, products at HIGHEST) in the kernel's jaxpr."""
+    fn = ntkjax.empirical_ntk_fn(apply_fn, implementation=implementation,
+                                 **kw)
+    text = str(jax.make_jaxpr(lambda a, p: fn(a, None, p))(x, params))
+    products = text.count('dot_general[') + text.count(
+        'conv_general_dilated[')
+    # (HIGHEST, DEFAULT): image patches, a convolution with a 0/1 filter,
+    # exact in any precision as long as the image operand is HIGHEST.
+    return (products, text.count('precision=(Precision.HIGHEST, Precision.'),
+            text.count('precision=(Precision.HIGHEST, Precision.HIGHEST)'))
+  products, highest, both = counts()
+  assert products > 0 and highest == products and both > 0
+  products, _, both = counts(precision=None)
+  assert products > 0 and both == 0
+  with pytest.raises(ValueError, match='precision'):
+    ntkjax.empirical_ntk_fn(apply_fn, precision='fast')
