@@ -199,7 +199,8 @@ def empirical_nngp_fn(f: Callable, trace_axes: Axes = (-1,),
                                 'empirical_nngp_fn')
     _check_outputs(fx1, fx2, trace, diagonal, 'empirical_nngp_fn')
     s1, s2, out = _subscripts(fx1.ndim, trace, diagonal)
-    return jnp.einsum(f'{s1},{s2}->{out}', fx1, fx2) / _trace_size(fx1.shape, trace)
+    return structured.einsum(f'{s1},{s2}->{out}', fx1, fx2) / _trace_size(
+        fx1.shape, trace)
   return nngp_fn
 
 
@@ -263,16 +264,88 @@ def _jacobian(f, params, x, kwargs, vmap):
   return jax.tree.map(lambda j: jnp.moveaxis(j, 0, out_axis), jac)
 
 
+# J(x1) is computed in blocks of examples when it is larger than this, so
+# that the peak holds J(x2) and one block of J(x1) instead of both
+# Jacobians (the same flops: each row of J(x1) is still one reverse pass).
+# Not smaller: every block reads all of J(x2) again, and with 256 MB blocks
+# the MLP benchmark (J = 1.5 GB) ran 1.5-3x slower.
+_JACOBIAN_BLOCK_BYTES = 1 << 31
+
+
 def _ntk_jacobian_contraction(f, params, x1, x2, kwargs, trace, diagonal,
                               ndim, vmap):
-  j1 = _jacobian(f, params, x1, kwargs, vmap)
-  j2 = j1 if x2 is None else _jacobian(f, params, x2, kwargs, vmap)
+  s1, s2, out = _subscripts(ndim, trace, diagonal, extra=1)
+  j2 = _jacobian(f, params, x1 if x2 is None else x2, kwargs, vmap)
+  fx1 = jax.eval_shape(lambda p: f(p, x1, **kwargs), params)
+  axis = 0 if vmap is None else vmap[1] % ndim     # examples in f(x1)
+  n1 = fx1.shape[axis]
+  size = sum(np.size(leaf) for leaf in jax.tree.leaves(params))
+  row_bytes = (np.prod(fx1.shape) // max(n1, 1) * size *
+               jnp.dtype(fx1.dtype).itemsize)
+  block = _block_size(n1, row_bytes)
+  if x2 is None or axis in trace or axis in diagonal or block == n1:
+    j1 = j2 if x2 is None else _jacobian(f, params, x1, kwargs, vmap)
+    return _contract_jacobians(j1, j2, s1, s2, out, ndim)
+  rows = _jacobian_rows(f, params, x1, kwargs, vmap, fx1, block)
+  blocks = jax.lax.map(
+      lambda start: _contract_jacobians(rows(start), j2, s1, s2, out, ndim),
+      jnp.arange(0, n1, block))
+  # (blocks, ..., block, ...) -> (..., n1, ...), block-major as in x1.
+  k = out.index(s1[axis])
+  blocks = jnp.moveaxis(blocks, 0, k)
+  return blocks.reshape(blocks.shape[:k] + (n1,) + blocks.shape[k + 2:])
+
+
+def _block_size(n: int, row_bytes: float) -> int:
+  """Examples per block of J(x1): all of them if small, else the largest
+  divisor of n whose block fits `_JACOBIAN_BLOCK_BYTES`."""
+  if n * row_bytes <= _JACOBIAN_BLOCK_BYTES:
+    return n
+  target = max(1, int(_JACOBIAN_BLOCK_BYTES // max(row_bytes, 1)))
+  return max(d for d in range(1, min(target, n) + 1) if n % d == 0)
+
+
+def _jacobian_rows(f, params, x1, kwargs, vmap, fx1, block: int):
+  """start -> the Jacobian of examples [start, start + block) of f(x1)."""
+  if vmap is None:
+    # f may couple examples: the rows come from reverse passes of the whole
+    # batch, one per output entry of these examples (basis vectors).
+    _, vjp1 = jax.vjp(lambda p: f(p, x1, **kwargs), params)
+    rest = int(np.prod(fx1.shape[1:]))
+
+    def rows(start):
+      index = start * rest + jnp.arange(block * rest)
+      basis = jax.nn.one_hot(index, int(np.prod(fx1.shape)),
+                             dtype=fx1.dtype).reshape((-1,) + fx1.shape)
+      (jac,) = jax.vmap(vjp1)(basis)
+      return jax.tree.map(
+          lambda j: j.reshape((block,) + fx1.shape[1:] + j.shape[1:]), jac)
+    return rows
+  in_axis, _, kwargs_axes = vmap
+
+  def rows(start):
+    cut = lambda v, a: jax.lax.dynamic_slice_in_dim(v, start, block, a)
+    kw = {k: v if kwargs_axes.get(k) is None else cut(v, kwargs_axes[k])
+          for k, v in kwargs.items()}
+    return _jacobian(f, params, cut(x1, in_axis), kw, vmap)
+  return rows
+
+
+def _contract_jacobians(j1, j2, s1, s2, out, ndim):
+  """sum over leaves of einsum(J1, J2) with one flattened parameter axis."""
   total = 0.
-  for leaf1, leaf2, p in zip(jax.tree.leaves(j1), jax.tree.leaves(j2),
-                             jax.tree.leaves(params)):
-    s1, s2, out = _subscripts(ndim, trace, diagonal, extra=jnp.ndim(p))
-    total = total + jnp.einsum(f'{s1},{s2}->{out}', leaf1, leaf2)
+  for leaf1, leaf2 in zip(jax.tree.leaves(j1), jax.tree.leaves(j2)):
+    # One parameter axis per leaf, axes of size 1 dropped: XLA's CPU dot
+    # ran 1.5x slower with them than the same GEMM on (N, P) operands.
+    total = total + structured.einsum(f'{s1},{s2}->{out}',
+                                      _flat_params(leaf1, ndim),
+                                      _flat_params(leaf2, ndim))
   return total
+
+
+def _flat_params(jacobian, ndim: int):
+  """A leaf's Jacobian (output axes, parameter axes) -> (output axes, P)."""
+  return jacobian.reshape(jacobian.shape[:ndim] + (-1,))
 
 
 def _ntk_vector_products(f, params, x1, x2, kwargs, trace, diagonal, ndim,
@@ -294,7 +367,7 @@ def _ntk_vector_products(f, params, x1, x2, kwargs, trace, diagonal, ndim,
     _, vjp2 = jax.vjp(f2, params)
     size2 = int(np.prod(fx2_shape))
     basis = jnp.eye(size2, dtype=dtype).reshape((size2,) + tuple(fx2_shape))
-    full = jax.vmap(lambda e: jvp1(vjp2(e)[0]))(basis)
+    full = _map(lambda e: jvp1(vjp2(e)[0]), basis, _param_bytes(params))
     full = full.reshape(tuple(fx2_shape) + full.shape[1:])
     return jnp.einsum(f'{s2}{s1}->{out}', full)
   in_axis, out_axis, kwargs_axes = vmap
@@ -311,13 +384,30 @@ def _ntk_vector_products(f, params, x1, x2, kwargs, trace, diagonal, ndim,
         f(p, jnp.expand_dims(xj, in_axis), **kw, **shared), out_axis)
     _, vjp2 = jax.vjp(single, params)
     return jax.vmap(lambda e: jvp1(vjp2(e)[0]))(basis)
-  full = jax.vmap(example_columns, in_axes=(
-      in_axis, {k: kwargs_axes[k] for k in batched}))(
-          x1 if x2 is None else x2, batched)
+  moved = (jnp.moveaxis(x1 if x2 is None else x2, in_axis, 0),
+           {k: jnp.moveaxis(v, kwargs_axes[k], 0) for k, v in batched.items()})
+  full = _map(lambda xk: example_columns(*xk), moved,
+              size * _param_bytes(params))
   # (N2, one example's outputs, f(x1) axes) -> f(x2) axes, f(x1) axes.
   full = full.reshape((full.shape[0],) + one_shape + full.shape[2:])
   full = jnp.moveaxis(full, 0, out_axis)
   return jnp.einsum(f'{s2}{s1}->{out}', full)
+
+
+def _param_bytes(params) -> int:
+  return sum(np.size(leaf) * jnp.dtype(jnp.result_type(leaf)).itemsize
+             for leaf in jax.tree.leaves(params))
+
+
+def _map(fn, xs, item_bytes: float):
+  """`vmap(fn)(xs)` over the leading axis, or `lax.map` in batches when the
+  items' parameter tangents (`item_bytes` each) would pass
+  `_JACOBIAN_BLOCK_BYTES` all at once (a vmap holds all of them)."""
+  n = jax.tree.leaves(xs)[0].shape[0]
+  if n * item_bytes <= _JACOBIAN_BLOCK_BYTES:
+    return jax.vmap(fn)(xs)
+  batch = max(1, int(_JACOBIAN_BLOCK_BYTES // max(item_bytes, 1)))
+  return jax.lax.map(fn, xs, batch_size=batch)
 
 
 def _ntk_structured(f, params, x1, x2, kwargs, trace, diagonal, ndim, vmap):

@@ -162,3 +162,36 @@ def test_precision_reaches_every_matrix_product(implementation):
   assert products > 0 and both == 0
   with pytest.raises(ValueError, match='precision'):
     ntkjax.empirical_ntk_fn(apply_fn, precision='fast')
+
+
+@pytest.mark.parametrize('implementation', [
+    NtkImplementation.JACOBIAN_CONTRACTION,
+    NtkImplementation.NTK_VECTOR_PRODUCTS])
+@pytest.mark.parametrize('vmap_axes', [None, 0])
+@pytest.mark.parametrize('trace_axes', [(), (-1,)])
+def test_memory_bounded_blocks_equal_the_definition(monkeypatch,
+                                                   implementation, vmap_axes,
+                                                   trace_axes):
+  """With a tiny memory budget, J(x1) is computed in blocks of examples
+  (lax.map) and NTK-vector products map their columns in batches: the
+  kernel is still the definition's, for a per-example function and (with
+  vmap_axes=None) one that couples examples through the batch mean."""
+  from ntkjax import empirical
+  monkeypatch.setattr(empirical, '_JACOBIAN_BLOCK_BYTES', 64)
+  rng = np.random.default_rng(3)
+  params = {'w1': jnp.asarray(rng.standard_normal((3, 5))),
+            'w2': jnp.asarray(rng.standard_normal((5, 2)))}
+  x1 = jnp.asarray(rng.standard_normal((6, 3)))
+  x2 = jnp.asarray(rng.standard_normal((4, 3)))
+  functions = [lambda p, x: jnp.tanh(x @ p['w1']) @ p['w2']]
+  if vmap_axes is None:
+    functions.append(lambda p, x: jnp.tanh(
+        x @ p['w1'] - jnp.mean(x @ p['w1'], 0)) @ p['w2'])
+  for f in functions:
+    ntk = ntkjax.empirical_ntk_fn(f, trace_axes=trace_axes,
+                                  vmap_axes=vmap_axes,
+                                  implementation=implementation)
+    np.testing.assert_allclose(
+        jax.jit(ntk)(x1, x2, params),
+        direct_empirical_kernel(f, params, x1, x2, trace_axes, (), 'ntk'),
+        rtol=1e-11, atol=1e-11)
