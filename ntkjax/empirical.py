@@ -274,6 +274,27 @@ _JACOBIAN_BLOCK_BYTES = 1 << 31
 
 def _ntk_jacobian_contraction(f, params, x1, x2, kwargs, trace, diagonal,
                               ndim, vmap):
+  if vmap is None and x2 is not None:
+    groups = _leaf_groups(f, params, x2, kwargs)
+    if len(groups) > 1:
+      # J(x2) is materialized whole (a sum over the batch per entry): by
+      # groups of parameter leaves it peaks at one group's. The backward
+      # passes repeat only the propagation above each group's layers.
+      leaves, treedef = jax.tree.flatten(params)
+      total = jnp.zeros((), jnp.result_type(*leaves))
+      for group in groups:
+        def f_group(sub, x, group=group, **kw):
+          full = list(leaves)
+          for i, leaf in zip(group, sub):
+            full[i] = leaf
+          return f(jax.tree.unflatten(treedef, full), x, **kw)
+        # The barrier orders the groups: XLA would otherwise schedule all
+        # groups' Jacobians before the contractions (no memory saved).
+        total, sub = jax.lax.optimization_barrier(
+            (total, [leaves[i] for i in group]))
+        total = total + _ntk_jacobian_contraction(
+            f_group, sub, x1, x2, kwargs, trace, diagonal, ndim, vmap)
+      return total
   s1, s2, out = _subscripts(ndim, trace, diagonal, extra=1)
   j2 = _jacobian(f, params, x1 if x2 is None else x2, kwargs, vmap)
   fx1 = jax.eval_shape(lambda p: f(p, x1, **kwargs), params)
@@ -294,6 +315,22 @@ def _ntk_jacobian_contraction(f, params, x1, x2, kwargs, trace, diagonal,
   k = out.index(s1[axis])
   blocks = jnp.moveaxis(blocks, 0, k)
   return blocks.reshape(blocks.shape[:k] + (n1,) + blocks.shape[k + 2:])
+
+
+def _leaf_groups(f, params, x2, kwargs) -> list:
+  """Parameter leaf indices in consecutive groups whose J(x2) fits
+  `_JACOBIAN_BLOCK_BYTES` (a larger leaf is a group of its own)."""
+  fx2 = jax.eval_shape(lambda p: f(p, x2, **kwargs), params)
+  row_bytes = np.prod(fx2.shape) * jnp.dtype(fx2.dtype).itemsize
+  groups, size = [[]], 0
+  for i, leaf in enumerate(jax.tree.leaves(params)):
+    leaf_bytes = np.size(leaf) * row_bytes
+    if groups[-1] and size + leaf_bytes > _JACOBIAN_BLOCK_BYTES:
+      groups.append([])
+      size = 0
+    groups[-1].append(i)
+    size += leaf_bytes
+  return [g for g in groups if g]
 
 
 def _block_size(n: int, row_bytes: float) -> int:
