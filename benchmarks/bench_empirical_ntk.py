@@ -1,24 +1,30 @@
-"""Empirical NTK of a wide MLP: ntkjax's implementations, time and peak memory.
+"""Empirical NTK of a wide MLP and a small CNN: ntkjax, time and peak memory.
 
-Network, data, cases and protocol are in _empirical_protocol.py (shared with
+Networks, data, cases and protocol are in _empirical_protocol.py (shared with
 reference_empirical_ntk.py, which runs neural-tangents 0.6.5 on the same
-cases): the ReLU MLP 784 -> 1024 -> 1024 -> 1024 -> O, x1 and x2 two
+cases; compare_empirical_ntk.py runs both and checks the issue's goals): the
+ReLU MLP 784 -> 1024 -> 1024 -> 1024 -> O and the CNN 3 x [Conv(64, 3x3,
+SAME), Relu] -> GlobalAvgPool -> Dense(O) on 8x8x1 images, x1 and x2 two
 different batches of N = 128 float32 samples, trace_axes=(), O in (1, 10),
 vmap_axes in (None, 0), and every `ntkjax.NtkImplementation`:
-JACOBIAN_CONTRACTION, NTK_VECTOR_PRODUCTS, STRUCTURED_DERIVATIVES and AUTO.
-We time `jax.jit(lambda a, b, p: ntk_fn(a, b, p))` with
+JACOBIAN_CONTRACTION, NTK_VECTOR_PRODUCTS, STRUCTURED_DERIVATIVES and AUTO;
+plus, per network and O, the default call `ntkjax.empirical_ntk_fn(apply_fn,
+trace_axes=())` (implementation 'DEFAULT'). We time
+`jax.jit(lambda a, b, p: ntk_fn(a, b, p))` with
 `ntk_fn = ntkjax.empirical_ntk_fn(apply_fn, trace_axes=(), vmap_axes=V,
 implementation=I)` after checking XLA's memory plan (cases planning over
 20 GB are skipped), each case in a fresh subprocess so its peak RSS is its
 own. Implementations that raise NotImplementedError are recorded as
 'not implemented'.
 
-For AUTO the record also has `auto_costs` ({implementation: cost}, from
+For AUTO (and for DEFAULT where ntkjax's default implementation is AUTO) the
+record also has `auto_costs` ({implementation: cost}, from
 `ntkjax.ntk_implementation_costs` on the same shapes and axes; cost =
 flops + 8 x bytes of XLA's analysis), `auto_choice` (their argmin),
 `auto_costs_seconds`, and, after all cases ran, `fastest_measured` (the
-fastest of the other three at the same O and vmap_axes) and
-`auto_chose_fastest`.
+fastest of the other three at the same network, O and vmap_axes) and
+`auto_chose_fastest`. Every record carries `ntkjax_sources_sha256`, a digest
+of ntkjax/*.py when the case ran (others edit ntkjax/ on this machine).
 
 The top-level 'reference' block keeps the numbers quoted in the
 neural-tangents GitHub issue that motivated this benchmark (vmap setting not
@@ -30,13 +36,17 @@ Output: benchmarks/results/empirical_ntk_<backend>.json
 (empirical_ntk_<backend>_quick.json for --quick).
 
 Usage:
-    python benchmarks/bench_empirical_ntk.py            # N = 128
+    python benchmarks/bench_empirical_ntk.py            # N = 128, ~30 min
     python benchmarks/bench_empirical_ntk.py --quick    # N = 16
-    python benchmarks/bench_empirical_ntk.py --case STRUCTURED_DERIVATIVES 1 0
+    python benchmarks/bench_empirical_ntk.py --network cnn --update
+    python benchmarks/bench_empirical_ntk.py --cases 'mlp:*:10:0' --update
+    python benchmarks/bench_empirical_ntk.py --case cnn AUTO 10 0
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import os
 import subprocess
 import sys
@@ -74,15 +84,23 @@ REFERENCE = {
 }
 
 
-def make_ntk_fn(apply_fn, impl_name: str, vmap_axes):
-  """ntkjax's empirical NTK function for one case."""
-  return ntkjax.empirical_ntk_fn(
-      apply_fn, trace_axes=protocol.TRACE_AXES, vmap_axes=vmap_axes,
-      implementation=ntkjax.NtkImplementation[impl_name])
+def sources_digest() -> str:
+  """sha256 of ntkjax's .py files (names and contents), in path order."""
+  root = os.path.dirname(os.path.abspath(ntkjax.__file__))
+  digest = hashlib.sha256()
+  for folder, dirs, files in sorted(os.walk(root)):
+    dirs.sort()
+    for name in sorted(files):
+      if name.endswith('.py'):
+        path = os.path.join(folder, name)
+        digest.update(os.path.relpath(path, root).encode())
+        with open(path, 'rb') as f:
+          digest.update(f.read())
+  return digest.hexdigest()
 
 
 def describe(apply_fn, x1, x2, params, impl_name: str, vmap_axes) -> dict:
-  """AUTO's cost estimates and choice (nothing for the other cases).
+  """The sources' digest, and AUTO's cost estimates and choice.
 
   Args:
     apply_fn: the network's apply function.
@@ -91,20 +109,35 @@ def describe(apply_fn, x1, x2, params, impl_name: str, vmap_axes) -> dict:
     vmap_axes: the case's vmap_axes.
 
   Returns:
-    {} unless impl_name is 'AUTO'; then auto_costs ({name: cost}),
-    auto_choice (the argmin) and auto_costs_seconds.
+    ntkjax_sources_sha256; for AUTO, and for DEFAULT where the default
+    implementation is AUTO, also auto_costs ({name: cost}), auto_choice (the
+    argmin) and auto_costs_seconds (or auto_costs_error where the costs
+    cannot be had for the default vmap_axes).
   """
-  if impl_name != 'AUTO':
-    return {}
+  out = {'ntkjax_sources_sha256': sources_digest()}
+  if impl_name == protocol.DEFAULT:
+    params_ = inspect.signature(ntkjax.empirical_ntk_fn).parameters
+    if params_['implementation'].default != ntkjax.NtkImplementation.AUTO:
+      return out
+    # The default call's vmap_axes is whatever empirical_ntk_fn defaults to
+    # (possibly an automatic-detection marker): ask for the costs with it.
+    vmap_axes = params_['vmap_axes'].default
+  elif impl_name != 'AUTO':
+    return out
   start = time.perf_counter()
-  costs = ntkjax.ntk_implementation_costs(
-      apply_fn, x1, x2, params, trace_axes=protocol.TRACE_AXES,
-      vmap_axes=vmap_axes)
+  try:
+    costs = ntkjax.ntk_implementation_costs(
+        apply_fn, x1, x2, params, trace_axes=protocol.TRACE_AXES,
+        vmap_axes=vmap_axes)
+  except Exception as error:  # noqa: BLE001 -- recorded, the case still runs
+    out['auto_costs_error'] = f'{type(error).__name__}: {error}'[:300]
+    return out
   seconds = time.perf_counter() - start
   costs = {ntkjax.NtkImplementation(k).name: float(v)
            for k, v in costs.items()}
-  return {'auto_choice': min(costs, key=costs.get), 'auto_costs': costs,
-          'auto_costs_seconds': seconds}
+  out.update(auto_choice=min(costs, key=costs.get), auto_costs=costs,
+             auto_costs_seconds=seconds)
+  return out
 
 
 def mark_fastest(records: list):
@@ -113,12 +146,14 @@ def mark_fastest(records: list):
   Args:
     records: all case records of the run (modified in place).
   """
+  def setting(r):
+    return r.get('network', 'mlp'), r['O'], r['vmap_axes']
   for auto in records:
     if auto['implementation'] != 'AUTO' or 'auto_choice' not in auto:
       continue
     timed = [r for r in records
-             if r['implementation'] != 'AUTO' and r.get('status') == 'ok'
-             and (r['O'], r['vmap_axes']) == (auto['O'], auto['vmap_axes'])]
+             if r['implementation'] in IMPLEMENTATIONS[:3]
+             and r.get('status') == 'ok' and setting(r) == setting(auto)]
     if timed:
       best = min(timed, key=lambda r: r['kernel_seconds_median'])
       auto['fastest_measured'] = best['implementation']
@@ -142,10 +177,12 @@ def git_state() -> dict:
 
 def main(argv=None) -> int:
   """Run the benchmark (see the module docstring)."""
+  library = {'name': 'ntkjax', 'version': ntkjax.__version__, 'stax': stax,
+             'empirical_ntk_fn': ntkjax.empirical_ntk_fn,
+             'implementation_enum': ntkjax.NtkImplementation,
+             'implementations': IMPLEMENTATIONS, 'describe': describe}
   return protocol.main(
-      argv, script=__file__, stax=stax, make_ntk_fn=make_ntk_fn,
-      implementations=IMPLEMENTATIONS, library='ntkjax',
-      version=ntkjax.__version__, prefix='empirical_ntk', describe=describe,
+      argv, script=__file__, library=library, prefix='empirical_ntk',
       finish=mark_fastest,
       extra={'ntkjax_git': git_state(), 'reference': REFERENCE})
 

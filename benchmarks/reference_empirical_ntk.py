@@ -1,14 +1,21 @@
 """Reference timings for bench_empirical_ntk.py, with neural-tangents.
 
-Same network, data, cases and protocol as benchmarks/bench_empirical_ntk.py
-(all in _empirical_protocol.py, whose docstring states the flop floor): the
-ReLU MLP 784 -> 1024 -> 1024 -> 1024 -> O, two different batches of N = 128
-float32 samples (same numpy seed, so the same data), trace_axes=(), O in
-(1, 10), vmap_axes in (None, 0), each case in a fresh subprocess, timing
-`jax.jit(lambda a, b, p: ntk_fn(a, b, p))` with
+Same networks, data, cases and protocol as benchmarks/bench_empirical_ntk.py
+(all in _empirical_protocol.py, whose docstring states the flop floors): the
+ReLU MLP 784 -> 1024 -> 1024 -> 1024 -> O and the CNN 3 x [Conv(64, 3x3,
+SAME), Relu] -> GlobalAvgPool -> Dense(O) on 8x8x1 images, two different
+batches of N = 128 float32 samples (same numpy seed, so the same data),
+trace_axes=(), O in (1, 10), vmap_axes in (None, 0), each case in a fresh
+subprocess, timing `jax.jit(lambda a, b, p: ntk_fn(a, b, p))` with
 `ntk_fn = neural_tangents.empirical_ntk_fn(apply_fn, trace_axes=(),
 vmap_axes=V, implementation=I)` for I in JACOBIAN_CONTRACTION,
-NTK_VECTOR_PRODUCTS and STRUCTURED_DERIVATIVES (its AUTO is not timed).
+NTK_VECTOR_PRODUCTS and STRUCTURED_DERIVATIVES (its AUTO is not timed), and
+the default call `empirical_ntk_fn(apply_fn, trace_axes=())` (implementation
+'DEFAULT'; neural-tangents defaults to vmap_axes=None and
+JACOBIAN_CONTRACTION, so its record is that case's, `same_as`, unless
+--no-alias). The command line (--network, --implementations, --outputs,
+--cases, --update) is the protocol's; compare_empirical_ntk.py runs this
+script after ours.
 
 jax 0.4.25 reports no memory plan on CPU (planned_gb is null), so a
 reference case is not skipped in advance: it runs under the protocol's
@@ -28,6 +35,8 @@ ntkjax. Create the venv with (Python 3.11):
 and run it from the repository root:
 
     /tmp/nt_ref_venv/bin/python benchmarks/reference_empirical_ntk.py [--quick]
+    /tmp/nt_ref_venv/bin/python benchmarks/reference_empirical_ntk.py \
+        --network cnn --update
 
 Output: benchmarks/results/empirical_ntk_reference_<backend>.json
 (_quick.json for --quick), with the same per-case fields as ours
@@ -56,20 +65,15 @@ IMPLEMENTATIONS = ('JACOBIAN_CONTRACTION', 'NTK_VECTOR_PRODUCTS',
                    'STRUCTURED_DERIVATIVES')
 
 
-def make_ntk_fn(apply_fn, impl_name: str, vmap_axes):
-  """neural-tangents' empirical NTK function for one case."""
-  return nt.empirical_ntk_fn(
-      apply_fn, trace_axes=protocol.TRACE_AXES, vmap_axes=vmap_axes,
-      implementation=nt.NtkImplementation[impl_name])
-
-
 def main(argv=None) -> int:
   """Run the reference benchmark (see the module docstring)."""
-  return protocol.main(
-      argv, script=__file__, stax=stax, make_ntk_fn=make_ntk_fn,
-      implementations=IMPLEMENTATIONS, library='neural_tangents',
-      version=getattr(nt, '__version__', '?'),
-      prefix='empirical_ntk_reference')
+  library = {'name': 'neural_tangents',
+             'version': getattr(nt, '__version__', '?'), 'stax': stax,
+             'empirical_ntk_fn': nt.empirical_ntk_fn,
+             'implementation_enum': nt.NtkImplementation,
+             'implementations': IMPLEMENTATIONS}
+  return protocol.main(argv, script=__file__, library=library,
+                       prefix='empirical_ntk_reference')
 
 
 if __name__ == '__main__':

@@ -25,17 +25,23 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Run as a script or imported: make the helpers next to this file importable.
+sys.path.insert(0, HERE)
+
+import _empirical_summary  # noqa: E402
+
 RESULTS_DIR = os.path.join(HERE, 'results')
 README = os.path.join(HERE, 'README.md')
 
 # Fields that identify a case within a benchmark (the rest are measurements),
 # in the order rows are sorted (a file without some of them still pairs on
 # the rest). CASE_TEXT_FIELDS are those shown in the table, in that order.
-KEY_FIELDS = ('case', 'activation', 'readout', 'O', 'vmap_axes',
+KEY_FIELDS = ('case', 'activation', 'readout', 'network', 'O', 'vmap_axes',
               'implementation', 'N', 'batch_size', 'd', 'depth', 'width', 't',
               'N_train', 'N_test')
-CASE_TEXT_FIELDS = ('case', 'activation', 'readout', 'implementation', 'O',
-                    'vmap_axes', 'N', 'batch_size', 't', 'N_train', 'N_test')
+CASE_TEXT_FIELDS = ('case', 'activation', 'readout', 'network',
+                    'implementation', 'O', 'vmap_axes', 'N', 'batch_size',
+                    't', 'N_train', 'N_test')
 OURS = 'ntkjax'
 
 
@@ -227,6 +233,33 @@ def summary_table(rows: list) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def empirical_goals() -> str:
+  """The empirical-NTK issue's goals section (full and quick results).
+
+  Returns:
+    Markdown: for each of the full and the quick pair of ours' and the
+    reference's empirical_ntk files present, the tables of
+    `_empirical_summary.markdown`; '' if neither pair is complete.
+  """
+  parts = []
+  for quick in (False, True):
+    ours, ref = _empirical_summary.load_pair(RESULTS_DIR, quick=quick)
+    if ours is None or ref is None:
+      continue
+    parts.append(f'### {"Quick run (N = 16)" if quick else "Full run"}\n')
+    parts.append(_empirical_summary.markdown(
+        _empirical_summary.summarize(ours, ref)))
+  if not parts:
+    return ''
+  return '\n'.join([
+      '## Empirical NTK against the reference: the issue\'s goals\n',
+      'From `results/empirical_ntk_cpu*.json` and '
+      '`results/empirical_ntk_reference_cpu*.json` '
+      '(`benchmarks/compare_empirical_ntk.py` writes both; goals in '
+      '`benchmarks/_empirical_summary.py`). Seconds are medians; peak RSS '
+      'includes each jax\'s baseline.\n'] + parts)
+
+
 def machines(results: list) -> str:
   """One bullet per results file: where and with what it was measured."""
   lines = []
@@ -264,7 +297,8 @@ def write_readme(results: list) -> str:
       'ntkjax.\n',
       '## Benchmarks\n',
   ]
-  for path in scripts('bench_*.py') + scripts('reference_*.py'):
+  for path in (scripts('bench_*.py') + scripts('reference_*.py') +
+               scripts('compare_*.py')):
     parts.append(f'- `{os.path.basename(path)}`: '
                  f'{first_docstring_paragraph(path) or "(no description)"}')
   parts += [
@@ -277,6 +311,7 @@ def write_readme(results: list) -> str:
       'the same machine. On a small shared machine other processes inflate '
       'timings: check the load averages below.\n',
       summary_table(summary_rows(results)),
+      empirical_goals(),
       '## Machines\n',
       machines(results) if results else '_None._\n',
   ]

@@ -248,7 +248,18 @@ def _vmap_axes(vmap_axes, kwargs: dict, x, who: str):
 def _jacobian(f, params, x, kwargs, vmap):
   """d f(params, x) / d params as a pytree with leaves (*f(x).shape, *leaf)."""
   if vmap is None:
-    return jax.jacrev(lambda p: f(p, x, **kwargs))(params)
+    fx = jax.eval_shape(lambda p: f(p, x, **kwargs), params)
+    rows = int(np.prod(fx.shape))
+    row_bytes = _param_bytes(params) + _activation_bytes(f, params, x, kwargs)
+    if rows * row_bytes <= _JACOBIAN_BLOCK_BYTES:
+      return jax.jacrev(lambda p: f(p, x, **kwargs))(params)
+    # One reverse pass per output entry holds a cotangent of every
+    # intermediate of the whole batch: in batches of rows (`_map`).
+    _, vjp = jax.vjp(lambda p: f(p, x, **kwargs), params)
+    one_hot = lambda i: jax.nn.one_hot(i, rows, dtype=fx.dtype).reshape(
+        fx.shape)
+    jac = _map(lambda i: vjp(one_hot(i))[0], jnp.arange(rows), row_bytes)
+    return jax.tree.map(lambda j: j.reshape(fx.shape + j.shape[1:]), jac)
   in_axis, out_axis, kwargs_axes = vmap
   batched = {k: v for k, v in kwargs.items() if kwargs_axes.get(k) is not None}
   shared = {k: v for k, v in kwargs.items() if k not in batched}
@@ -300,9 +311,11 @@ def _ntk_jacobian_contraction(f, params, x1, x2, kwargs, trace, diagonal,
   fx1 = jax.eval_shape(lambda p: f(p, x1, **kwargs), params)
   axis = 0 if vmap is None else vmap[1] % ndim     # examples in f(x1)
   n1 = fx1.shape[axis]
-  size = sum(np.size(leaf) for leaf in jax.tree.leaves(params))
-  row_bytes = (np.prod(fx1.shape) // max(n1, 1) * size *
-               jnp.dtype(fx1.dtype).itemsize)
+  # Bytes per example of x1: its Jacobian rows and, without vmap, each
+  # row's cotangents of the whole batch's intermediates.
+  per_row = _param_bytes(params) + (
+      _activation_bytes(f, params, x1, kwargs) if vmap is None else 0)
+  row_bytes = np.prod(fx1.shape) // max(n1, 1) * per_row
   block = _block_size(n1, row_bytes)
   if x2 is None or axis in trace or axis in diagonal or block == n1:
     j1 = j2 if x2 is None else _jacobian(f, params, x1, kwargs, vmap)
@@ -408,7 +421,8 @@ def _ntk_vector_products(f, params, x1, x2, kwargs, trace, diagonal, ndim,
     rows = jax.linear_transpose(columns, fx2)
     size1 = int(np.prod(fx1.shape))
     basis = jnp.eye(size1, dtype=fx1.dtype).reshape((size1,) + fx1.shape)
-    full = _map(lambda e: rows(e)[0], basis, _param_bytes(params))
+    full = _map(lambda e: rows(e)[0], basis, _param_bytes(params) + 2 *
+                _activation_bytes(f, params, x1, kwargs))
     full = full.reshape(fx1.shape + full.shape[1:])    # (x1 axes, x2 axes)
     return jnp.einsum(f'{s1}{s2}->{out}', full)
   _, jvp1 = jax.linearize(f1, params)
@@ -435,6 +449,26 @@ def _ntk_vector_products(f, params, x1, x2, kwargs, trace, diagonal, ndim,
   full = full.reshape((full.shape[0],) + one_shape + full.shape[2:])
   full = jnp.moveaxis(full, 0, out_axis)
   return jnp.einsum(f'{s2}{s1}->{out}', full)
+
+
+def _activation_bytes(f, params, x, kwargs) -> int:
+  """Bytes of all intermediate values of f(params, x): what one reverse
+  (or forward) pass over this batch holds as cotangents (tangents)."""
+  closed = jax.make_jaxpr(lambda p, a: f(p, a, **kwargs))(params, x)
+
+  def total(jaxpr) -> int:
+    count = 0
+    for eqn in jaxpr.eqns:
+      for var in eqn.outvars:
+        aval = var.aval
+        if hasattr(aval, 'shape') and hasattr(aval, 'dtype'):
+          count += int(np.prod(aval.shape)) * jnp.dtype(aval.dtype).itemsize
+      for sub in eqn.params.values():
+        inner = getattr(sub, 'jaxpr', sub)
+        if hasattr(inner, 'eqns'):
+          count += total(inner)
+    return count
+  return total(closed.jaxpr)
 
 
 def _param_bytes(params) -> int:
