@@ -245,13 +245,22 @@ def _vmap_axes(vmap_axes, kwargs: dict, x, who: str):
   return in_axis % jnp.ndim(x), out_axis, kwargs_axes
 
 
-def _jacobian(f, params, x, kwargs, vmap):
-  """d f(params, x) / d params as a pytree with leaves (*f(x).shape, *leaf)."""
+def _jacobian(f, params, x, kwargs, vmap, batch_rows: bool = True):
+  """d f(params, x) / d params as a pytree with leaves (*f(x).shape, *leaf).
+
+  `batch_rows=False`: one `jacrev` even when large (for the leaf groups of
+  `_ntk_jacobian_contraction`, where XLA planned 14 GB for whole groups
+  and 20 GB with their rows batched, MLP at O = 10).
+  """
   if vmap is None:
     fx = jax.eval_shape(lambda p: f(p, x, **kwargs), params)
     rows = int(np.prod(fx.shape))
-    row_bytes = _param_bytes(params) + _activation_bytes(f, params, x, kwargs)
-    if rows * row_bytes <= _JACOBIAN_BLOCK_BYTES:
+    # Summed intermediates overstate what a pass holds live (XLA fuses
+    # elementwise chains; the CNN benchmark's estimate is ~2.5x its plan),
+    # and batched rows run slower: batch only past 4x the budget.
+    row_bytes = (_param_bytes(params) +
+                 _activation_bytes(f, params, x, kwargs)) / 4
+    if not batch_rows or rows * row_bytes <= _JACOBIAN_BLOCK_BYTES:
       return jax.jacrev(lambda p: f(p, x, **kwargs))(params)
     # One reverse pass per output entry holds a cotangent of every
     # intermediate of the whole batch: in batches of rows (`_map`).
@@ -284,8 +293,8 @@ _JACOBIAN_BLOCK_BYTES = 1 << 31
 
 
 def _ntk_jacobian_contraction(f, params, x1, x2, kwargs, trace, diagonal,
-                              ndim, vmap):
-  if vmap is None and x2 is not None:
+                              ndim, vmap, group: bool = False):
+  if vmap is None and x2 is not None and not group:
     groups = _leaf_groups(f, params, x2, kwargs)
     if len(groups) > 1:
       # J(x2) is materialized whole (a sum over the batch per entry): by
@@ -304,18 +313,16 @@ def _ntk_jacobian_contraction(f, params, x1, x2, kwargs, trace, diagonal,
         total, sub = jax.lax.optimization_barrier(
             (total, [leaves[i] for i in group]))
         total = total + _ntk_jacobian_contraction(
-            f_group, sub, x1, x2, kwargs, trace, diagonal, ndim, vmap)
+            f_group, sub, x1, x2, kwargs, trace, diagonal, ndim, vmap,
+            group=True)
       return total
   s1, s2, out = _subscripts(ndim, trace, diagonal, extra=1)
-  j2 = _jacobian(f, params, x1 if x2 is None else x2, kwargs, vmap)
+  j2 = _jacobian(f, params, x1 if x2 is None else x2, kwargs, vmap,
+                 batch_rows=not group)
   fx1 = jax.eval_shape(lambda p: f(p, x1, **kwargs), params)
   axis = 0 if vmap is None else vmap[1] % ndim     # examples in f(x1)
   n1 = fx1.shape[axis]
-  # Bytes per example of x1: its Jacobian rows and, without vmap, each
-  # row's cotangents of the whole batch's intermediates.
-  per_row = _param_bytes(params) + (
-      _activation_bytes(f, params, x1, kwargs) if vmap is None else 0)
-  row_bytes = np.prod(fx1.shape) // max(n1, 1) * per_row
+  row_bytes = np.prod(fx1.shape) // max(n1, 1) * _param_bytes(params)
   block = _block_size(n1, row_bytes)
   if x2 is None or axis in trace or axis in diagonal or block == n1:
     j1 = j2 if x2 is None else _jacobian(f, params, x1, kwargs, vmap)
@@ -421,8 +428,7 @@ def _ntk_vector_products(f, params, x1, x2, kwargs, trace, diagonal, ndim,
     rows = jax.linear_transpose(columns, fx2)
     size1 = int(np.prod(fx1.shape))
     basis = jnp.eye(size1, dtype=fx1.dtype).reshape((size1,) + fx1.shape)
-    full = _map(lambda e: rows(e)[0], basis, _param_bytes(params) + 2 *
-                _activation_bytes(f, params, x1, kwargs))
+    full = _map(lambda e: rows(e)[0], basis, _param_bytes(params))
     full = full.reshape(fx1.shape + full.shape[1:])    # (x1 axes, x2 axes)
     return jnp.einsum(f'{s1}{s2}->{out}', full)
   _, jvp1 = jax.linearize(f1, params)
@@ -483,8 +489,9 @@ def _map(fn, xs, item_bytes: float):
   n = jax.tree.leaves(xs)[0].shape[0]
   if n * item_bytes <= _JACOBIAN_BLOCK_BYTES:
     return jax.vmap(fn)(xs)
-  batch = max(1, int(_JACOBIAN_BLOCK_BYTES // max(item_bytes, 1)))
-  return jax.lax.map(fn, xs, batch_size=batch)
+  # A divisor of n: lax.map handles a remainder by concatenating a last
+  # batch, a copy of the whole output (a Jacobian) at the peak.
+  return jax.lax.map(fn, xs, batch_size=_block_size(n, item_bytes))
 
 
 def _ntk_structured(f, params, x1, x2, kwargs, trace, diagonal, ndim, vmap):
