@@ -45,16 +45,15 @@ Usage:
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import os
-import subprocess
 import sys
 import time
 
 # Run as a script: make the helpers next to this file importable.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _common  # noqa: E402
 import _empirical_protocol as protocol  # noqa: E402
 import ntkjax  # noqa: E402
 from ntkjax import stax  # noqa: E402
@@ -84,19 +83,7 @@ REFERENCE = {
 }
 
 
-def sources_digest() -> str:
-  """sha256 of ntkjax's .py files (names and contents), in path order."""
-  root = os.path.dirname(os.path.abspath(ntkjax.__file__))
-  digest = hashlib.sha256()
-  for folder, dirs, files in sorted(os.walk(root)):
-    dirs.sort()
-    for name in sorted(files):
-      if name.endswith('.py'):
-        path = os.path.join(folder, name)
-        digest.update(os.path.relpath(path, root).encode())
-        with open(path, 'rb') as f:
-          digest.update(f.read())
-  return digest.hexdigest()
+sources_digest = _common.ntkjax_source_digest
 
 
 def describe(apply_fn, x1, x2, params, impl_name: str, vmap_axes) -> dict:
@@ -163,16 +150,9 @@ def mark_fastest(records: list):
 
 def git_state() -> dict:
   """The commit measured, and whether ntkjax/ differed from it."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  def git(*args):
-    return subprocess.run(['git', *args], cwd=root, capture_output=True,
-                          text=True).stdout.strip()
-  try:
-    return {'commit': git('rev-parse', 'HEAD'),
-            'ntkjax_dirty': bool(git('status', '--porcelain', '--',
-                                     'ntkjax'))}
-  except OSError:
-    return {}
+  state = _common.ntkjax_git_state()
+  return {'commit': state['ntkjax_commit'],
+          'ntkjax_dirty': state['ntkjax_dirty']}
 
 
 def main(argv=None) -> int:

@@ -115,14 +115,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import logging
 import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -254,35 +252,10 @@ def compile_seconds(totals: dict) -> float:
   return sum(v for k, v in totals.items() if k.startswith('/jax/core/compile'))
 
 
-def source_digest() -> str:
-  """SHA-256 of ntkjax's Python sources as they are on disk now (ntkjax/
-  may have uncommitted changes, and may change while this runs)."""
-  root = os.path.dirname(os.path.abspath(ntkjax.__file__))
-  digest = hashlib.sha256()
-  for folder, dirs, files in sorted(os.walk(root)):
-    dirs.sort()
-    for name in sorted(files):
-      if name.endswith('.py'):
-        path = os.path.join(folder, name)
-        digest.update(os.path.relpath(path, root).encode())
-        with open(path, 'rb') as f:
-          digest.update(f.read())
-  return digest.hexdigest()
+source_digest = _common.ntkjax_source_digest
 
 
-def git_state() -> dict:
-  """ntkjax's commit and whether ntkjax/ had uncommitted changes."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-  def git(*args):
-    return subprocess.run(['git', *args], cwd=root, capture_output=True,
-                          text=True).stdout.strip()
-  try:
-    return {'ntkjax_commit': git('rev-parse', 'HEAD') or None,
-            'ntkjax_dirty': bool(git('status', '--porcelain', '--',
-                                     'ntkjax'))}
-  except OSError:
-    return {'ntkjax_commit': None, 'ntkjax_dirty': None}
+git_state = _common.ntkjax_git_state
 
 
 def verdict(met: bool, text: str, quiet=None, quiet_repeats: int = 0) -> str:
