@@ -134,11 +134,15 @@ def _squeeze(eqn, labels, n):
   label = labels[0]
   if label is None or label is MIXED:
     return label
-  dims = [d % len(_shape(eqn.invars[0]))
-          for d in eqn.params['dimensions']]
-  if label in dims:
+  return _drop_axes(label, [d % len(_shape(eqn.invars[0]))
+                            for d in eqn.params['dimensions']])
+
+
+def _drop_axes(label: int, axes):
+  """The example axis after `axes` are removed (MIXED if it is one)."""
+  if label in axes:
     return MIXED
-  return label - sum(d < label for d in dims)
+  return label - sum(a < label for a in axes)
 
 
 def _transpose(eqn, labels, n):
@@ -167,10 +171,7 @@ def _reduction(eqn, labels, n):
     return MIXED
   if label is None or label is MIXED:
     return label
-  axes = tuple(eqn.params['axes'])
-  if label in axes:
-    return MIXED
-  return label - sum(a < label for a in axes)
+  return _drop_axes(label, tuple(eqn.params['axes']))
 
 
 def _windowed(eqn, labels, n):
