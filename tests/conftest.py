@@ -217,3 +217,15 @@ def monte_carlo_structured(network, x1, x2, n, seed, get):
   samples = np.stack([means[0]] + [(k + 1) * means[k] - k * means[k - 1]
                                    for k in range(1, n)])
   return means[-1], samples.std(0, ddof=1) / np.sqrt(n)
+
+
+def ntk_from_jacobians(j1, j2, trace_axes):
+  """The NTK from raveled-parameter Jacobians of shape (N, O, P).
+
+  Returns (N1, N2) averaged over the outputs for trace_axes=(-1,), else
+  (N1, N2, O1, O2).
+  """
+  full = np.tensordot(j1, j2, axes=([-1], [-1]))   # (N1, O, N2, O)
+  if trace_axes:
+    return np.einsum('iaja->ij', full) / full.shape[-1]
+  return np.einsum('iajb->ijab', full)

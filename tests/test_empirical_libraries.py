@@ -28,6 +28,8 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
+from conftest import ntk_from_jacobians
+
 import ntkjax
 from ntkjax import NtkImplementation
 
@@ -125,11 +127,7 @@ def _case(name):
   return f, params, x1, x2, np.asarray(jac(flat, x1)), np.asarray(jac(flat, x2))
 
 
-def _reference(j1, j2, trace_axes):
-  full = np.tensordot(j1, j2, axes=([-1], [-1]))   # (N1, O, N2, O)
-  if trace_axes:
-    return np.einsum('iaja->ij', full) / full.shape[-1]
-  return np.einsum('iajb->ijab', full)
+_reference = ntk_from_jacobians
 
 
 def _ntk(name, trace_axes, vmap_axes, implementation, same=False):
