@@ -255,19 +255,23 @@ def _jacobian(f, params, x, kwargs, vmap, batch_rows: bool = True):
   if vmap is None:
     fx = jax.eval_shape(lambda p: f(p, x, **kwargs), params)
     rows = int(np.prod(fx.shape))
-    # Summed intermediates overstate what a pass holds live (XLA fuses
-    # elementwise chains; the CNN benchmark's estimate is ~2.5x its plan),
-    # and batched rows run slower: batch only past 4x the budget.
-    row_bytes = (_param_bytes(params) +
-                 _activation_bytes(f, params, x, kwargs)) / 4
-    if not batch_rows or rows * row_bytes <= _JACOBIAN_BLOCK_BYTES:
+    activations = _activation_bytes(f, params, x, kwargs)
+    unroll = _unrolled(f, params, x, kwargs)
+    # Without convolutions: the sum overstates what a pass holds (fusion)
+    # and looped rows ran slower: rows batched only past 4x the budget.
+    row_bytes = (_param_bytes(params) + activations) / 4
+    if not batch_rows or (not unroll and
+                          rows * row_bytes <= _JACOBIAN_BLOCK_BYTES):
       return jax.jacrev(lambda p: f(p, x, **kwargs))(params)
-    # One reverse pass per output entry holds a cotangent of every
-    # intermediate of the whole batch: in batches of rows (`_map`).
+    # One reverse pass per output entry, each holding a cotangent of every
+    # intermediate of the whole batch: with convolutions `_map` runs them
+    # in chunks whose cotangents stay small (XLA CPU ran the CNN
+    # benchmark's 128 passes in one vmap 1.6x slower than in chunks).
     _, vjp = jax.vjp(lambda p: f(p, x, **kwargs), params)
-    one_hot = lambda i: jax.nn.one_hot(i, rows, dtype=fx.dtype).reshape(
-        fx.shape)
-    jac = _map(lambda i: vjp(one_hot(i))[0], jnp.arange(rows), row_bytes)
+    basis = jnp.eye(rows, dtype=fx.dtype).reshape((rows,) + fx.shape)
+    jac = (_map(lambda e: vjp(e)[0], basis, _param_bytes(params),
+                activations, unroll=True) if unroll else
+           _map(lambda e: vjp(e)[0], basis, row_bytes))
     return jax.tree.map(lambda j: j.reshape(fx.shape + j.shape[1:]), jac)
   in_axis, out_axis, kwargs_axes = vmap
   batched = {k: v for k, v in kwargs.items() if kwargs_axes.get(k) is not None}
@@ -278,17 +282,27 @@ def _jacobian(f, params, x, kwargs, vmap, batch_rows: bool = True):
     single = lambda p: jnp.squeeze(
         f(p, jnp.expand_dims(xi, in_axis), **kw, **shared), out_axis)
     return jax.jacrev(single)(params)
-  jac = jax.vmap(one_example, in_axes=(in_axis, {k: kwargs_axes[k]
-                                                 for k in batched}))(x, batched)
+  # Examples in chunks (`_map`) when their reverse passes together would
+  # pass the working set or the tangents budget.
+  n = x.shape[in_axis]
+  fx = jax.eval_shape(lambda p: f(p, x, **kwargs), params)
+  rows = int(np.prod(fx.shape)) // max(n, 1)
+  moved = (jnp.moveaxis(x, in_axis, 0),
+           {k: jnp.moveaxis(v, kwargs_axes[k], 0) for k, v in batched.items()})
+  if _unrolled(f, params, x, kwargs):
+    jac = _map(lambda xk: one_example(*xk), moved,
+               rows * _param_bytes(params),
+               rows * _activation_bytes(f, params, x, kwargs) / max(n, 1),
+               unroll=True)
+  else:
+    jac = jax.vmap(lambda xk: one_example(*xk))(moved)
   # vmap put the example axis first; move it to where f puts it.
   return jax.tree.map(lambda j: jnp.moveaxis(j, 0, out_axis), jac)
 
 
-# J(x1) is computed in blocks of examples when it is larger than this, so
-# that the peak holds J(x2) and one block of J(x1) instead of both
-# Jacobians (the same flops: each row of J(x1) is still one reverse pass).
-# Not smaller: every block reads all of J(x2) again, and with 256 MB blocks
-# the MLP benchmark (J = 1.5 GB) ran 1.5-3x slower.
+# J(x1) in blocks of examples past this (peak: J(x2) and one block, same
+# flops). Not smaller: every block reads J(x2) again (256 MB blocks: the
+# MLP benchmark ran 1.5-3x slower).
 _JACOBIAN_BLOCK_BYTES = 1 << 31
 
 
@@ -317,20 +331,23 @@ def _ntk_jacobian_contraction(f, params, x1, x2, kwargs, trace, diagonal,
             group=True)
       return total
   s1, s2, out = _subscripts(ndim, trace, diagonal, extra=1)
-  j2 = _jacobian(f, params, x1 if x2 is None else x2, kwargs, vmap,
-                 batch_rows=not group)
   fx1 = jax.eval_shape(lambda p: f(p, x1, **kwargs), params)
   axis = 0 if vmap is None else vmap[1] % ndim     # examples in f(x1)
   n1 = fx1.shape[axis]
   row_bytes = np.prod(fx1.shape) // max(n1, 1) * _param_bytes(params)
   block = _block_size(n1, row_bytes)
+  j2 = _jacobian(f, params, x1 if x2 is None else x2, kwargs, vmap,
+                 batch_rows=not group)
+  contract = lambda j1: _contract_jacobians(j1, j2, s1, s2, out, ndim)
   if x2 is None or axis in trace or axis in diagonal or block == n1:
-    j1 = j2 if x2 is None else _jacobian(f, params, x1, kwargs, vmap)
-    return _contract_jacobians(j1, j2, s1, s2, out, ndim)
-  rows = _jacobian_rows(f, params, x1, kwargs, vmap, fx1, block)
-  blocks = jax.lax.map(
-      lambda start: _contract_jacobians(rows(start), j2, s1, s2, out, ndim),
-      jnp.arange(0, n1, block))
+    return contract(j2 if x2 is None else _jacobian(f, params, x1, kwargs,
+                                                   vmap))
+  inputs, rows = _jacobian_rows(f, params, x1, kwargs, vmap, fx1, block)
+  if _unrolled(f, params, x1, kwargs):
+    blocks = jnp.stack(_sequence(lambda xs: contract(rows(xs)), inputs))
+  else:
+    blocks = jax.lax.map(lambda xs: contract(rows(xs)),
+                         jax.tree.map(lambda *a: jnp.stack(a), *inputs))
   # (blocks, ..., block, ...) -> (..., n1, ...), block-major as in x1.
   k = out.index(s1[axis])
   blocks = jnp.moveaxis(blocks, 0, k)
@@ -363,29 +380,35 @@ def _block_size(n: int, row_bytes: float) -> int:
 
 
 def _jacobian_rows(f, params, x1, kwargs, vmap, fx1, block: int):
-  """start -> the Jacobian of examples [start, start + block) of f(x1)."""
+  """(inputs, rows): rows(inputs[i]) is the Jacobian of examples
+  [i * block, (i + 1) * block) of f(x1)."""
+  n1 = fx1.shape[0 if vmap is None else vmap[1] % len(fx1.shape)]
   if vmap is None:
     # f may couple examples: the rows come from reverse passes of the whole
     # batch, one per output entry of these examples (basis vectors).
     _, vjp1 = jax.vjp(lambda p: f(p, x1, **kwargs), params)
-    rest = int(np.prod(fx1.shape[1:]))
-
-    def rows(start):
-      index = start * rest + jnp.arange(block * rest)
-      basis = jax.nn.one_hot(index, int(np.prod(fx1.shape)),
+    size = int(np.prod(fx1.shape))
+    rest = size // n1
+    activations = _activation_bytes(f, params, x1, kwargs)
+    unroll = _unrolled(f, params, x1, kwargs)
+    inputs = [jax.nn.one_hot(start * rest + jnp.arange(block * rest), size,
                              dtype=fx1.dtype).reshape((-1,) + fx1.shape)
-      (jac,) = jax.vmap(vjp1)(basis)
+              for start in range(0, n1, block)]
+
+    def rows(basis):
+      (jac,) = (_map(vjp1, basis, _param_bytes(params), activations,
+                     unroll=True) if unroll else jax.vmap(vjp1)(basis))
       return jax.tree.map(
           lambda j: j.reshape((block,) + fx1.shape[1:] + j.shape[1:]), jac)
-    return rows
+    return inputs, rows
   in_axis, _, kwargs_axes = vmap
-
-  def rows(start):
-    cut = lambda v, a: jax.lax.dynamic_slice_in_dim(v, start, block, a)
-    kw = {k: v if kwargs_axes.get(k) is None else cut(v, kwargs_axes[k])
-          for k, v in kwargs.items()}
-    return _jacobian(f, params, cut(x1, in_axis), kw, vmap)
-  return rows
+  cut = lambda v, a, start: jax.lax.slice_in_dim(v, start, start + block,
+                                                 axis=a)
+  inputs = [(cut(x1, in_axis, start),
+             {k: v if kwargs_axes.get(k) is None else
+              cut(v, kwargs_axes[k], start) for k, v in kwargs.items()})
+            for start in range(0, n1, block)]
+  return inputs, lambda xk: _jacobian(f, params, xk[0], xk[1], vmap)
 
 
 def _contract_jacobians(j1, j2, s1, s2, out, ndim):
@@ -428,7 +451,9 @@ def _ntk_vector_products(f, params, x1, x2, kwargs, trace, diagonal, ndim,
     rows = jax.linear_transpose(columns, fx2)
     size1 = int(np.prod(fx1.shape))
     basis = jnp.eye(size1, dtype=fx1.dtype).reshape((size1,) + fx1.shape)
-    full = _map(lambda e: rows(e)[0], basis, _param_bytes(params))
+    full = _map(lambda e: rows(e)[0], basis, _param_bytes(params),
+                _activation_bytes(f, params, x1, kwargs),
+                unroll=_unrolled(f, params, x1, kwargs))
     full = full.reshape(fx1.shape + full.shape[1:])    # (x1 axes, x2 axes)
     return jnp.einsum(f'{s1}{s2}->{out}', full)
   _, jvp1 = jax.linearize(f1, params)
@@ -450,31 +475,36 @@ def _ntk_vector_products(f, params, x1, x2, kwargs, trace, diagonal, ndim,
   moved = (jnp.moveaxis(x1 if x2 is None else x2, in_axis, 0),
            {k: jnp.moveaxis(v, kwargs_axes[k], 0) for k, v in batched.items()})
   full = _map(lambda xk: example_columns(*xk), moved,
-              size * _param_bytes(params))
+              size * _param_bytes(params),
+              size * _activation_bytes(f, params, x1, kwargs),
+              unroll=_unrolled(f, params, x1, kwargs))
   # (N2, one example's outputs, f(x1) axes) -> f(x2) axes, f(x1) axes.
   full = full.reshape((full.shape[0],) + one_shape + full.shape[2:])
   full = jnp.moveaxis(full, 0, out_axis)
   return jnp.einsum(f'{s2}{s1}->{out}', full)
 
 
-def _activation_bytes(f, params, x, kwargs) -> int:
-  """Bytes of all intermediate values of f(params, x): what one reverse
-  (or forward) pass over this batch holds as cotangents (tangents)."""
+def _equations(f, params, x, kwargs) -> list:
+  """The equations of f(params, x)'s jaxpr, sub-jaxprs included."""
   closed = jax.make_jaxpr(lambda p, a: f(p, a, **kwargs))(params, x)
 
-  def total(jaxpr) -> int:
-    count = 0
+  def walk(jaxpr):
     for eqn in jaxpr.eqns:
-      for var in eqn.outvars:
-        aval = var.aval
-        if hasattr(aval, 'shape') and hasattr(aval, 'dtype'):
-          count += int(np.prod(aval.shape)) * jnp.dtype(aval.dtype).itemsize
+      yield eqn
       for sub in eqn.params.values():
         inner = getattr(sub, 'jaxpr', sub)
         if hasattr(inner, 'eqns'):
-          count += total(inner)
-    return count
-  return total(closed.jaxpr)
+          yield from walk(inner)
+  return list(walk(closed.jaxpr))
+
+
+def _activation_bytes(f, params, x, kwargs) -> int:
+  """Bytes of all intermediate values of f(params, x): what one reverse
+  (or forward) pass over this batch holds as cotangents (tangents)."""
+  return sum(int(np.prod(v.aval.shape)) * jnp.dtype(v.aval.dtype).itemsize
+             for eqn in _equations(f, params, x, kwargs)
+             for v in eqn.outvars
+             if hasattr(v.aval, 'shape') and hasattr(v.aval, 'dtype'))
 
 
 def _param_bytes(params) -> int:
@@ -482,16 +512,68 @@ def _param_bytes(params) -> int:
              for leaf in jax.tree.leaves(params))
 
 
-def _map(fn, xs, item_bytes: float):
-  """`vmap(fn)(xs)` over the leading axis, or `lax.map` in batches when the
-  items' parameter tangents (`item_bytes` each) would pass
-  `_JACOBIAN_BLOCK_BYTES` all at once (a vmap holds all of them)."""
+# Intermediates of one unrolled chunk of `_map`'s passes stay under this:
+# XLA CPU ran 128 whole-batch reverse passes of the CNN benchmark 1.6x
+# slower in one vmap (3 GB by the jaxpr sum) than in chunks of 4 to 32.
+_WORKING_SET_BYTES = 1 << 29
+# Chunks are unrolled (`_sequence`); more would only lengthen compilation.
+_MAX_CHUNKS = 64
+
+
+def _map(fn, xs, item_bytes: float, work_bytes: float = 0.,
+         unroll: bool = False):
+  """`vmap(fn)(xs)` over the leading axis, in chunks run one after another
+  when all items at once would hold more than `_JACOBIAN_BLOCK_BYTES` of
+  parameter tangents (`item_bytes` each) or, with `unroll`,
+  `_WORKING_SET_BYTES` of intermediates (`work_bytes` each).
+
+  `unroll` (for programs with convolutions, `_unrolled`): the chunks are
+  static slices in a Python loop, not `lax.map`: XLA CPU ran convolutions
+  inside a while loop ~50x slower (the CNN benchmark's Jacobian: 320 s in
+  `lax.map` against 4.4 s unrolled), while the MLP's vector products ran
+  1.2x faster in `lax.map` than unrolled. Unrolled chunks are
+  concatenated at the end (DESIGN.md section 3 says why).
+  """
+  if not unroll:
+    n = jax.tree.leaves(xs)[0].shape[0]
+    if n * item_bytes <= _JACOBIAN_BLOCK_BYTES:
+      return jax.vmap(fn)(xs)
+    # A divisor of n: lax.map would concatenate a remainder (a copy).
+    return jax.lax.map(fn, xs, batch_size=_block_size(n, item_bytes))
   n = jax.tree.leaves(xs)[0].shape[0]
-  if n * item_bytes <= _JACOBIAN_BLOCK_BYTES:
+  chunk = min(n, int(_JACOBIAN_BLOCK_BYTES // max(item_bytes, 1)),
+              int(_WORKING_SET_BYTES // max(work_bytes, 1)))
+  chunk = max(chunk, 1, -(-n // _MAX_CHUNKS))
+  if chunk >= n:
     return jax.vmap(fn)(xs)
-  # A divisor of n: lax.map handles a remainder by concatenating a last
-  # batch, a copy of the whole output (a Jacobian) at the peak.
-  return jax.lax.map(fn, xs, batch_size=_block_size(n, item_bytes))
+  # Equal chunks where a divisor is close (a ragged last chunk compiles
+  # one more program).
+  divisor = max(d for d in range(1, chunk + 1) if n % d == 0)
+  chunk = divisor if 2 * divisor >= chunk else chunk
+  pieces = _sequence(jax.vmap(fn), [
+      jax.tree.map(lambda a: a[start:start + chunk], xs)
+      for start in range(0, n, chunk)])
+  return jax.tree.map(lambda *p: jnp.concatenate(p), *pieces)
+
+
+def _unrolled(f, params, x, kwargs) -> bool:
+  """Whether f(params, x) convolves: then batches of passes run as unrolled
+  chunks (`_map`), since XLA CPU runs convolutions in loops slowly."""
+  return any(eqn.primitive.name == 'conv_general_dilated'
+             for eqn in _equations(f, params, x, kwargs))
+
+
+def _sequence(fn, inputs: list) -> list:
+  """[fn(x) for x in inputs], each call ordered after the previous one's
+  result (an optimization barrier ties its input to that result): XLA
+  would otherwise be free to run all calls at once and hold all their
+  intermediates."""
+  results = []
+  for x in inputs:
+    if results:
+      x, results[-1] = jax.lax.optimization_barrier((x, results[-1]))
+    results.append(fn(x))
+  return results
 
 
 def _ntk_structured(f, params, x1, x2, kwargs, trace, diagonal, ndim, vmap):

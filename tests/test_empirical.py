@@ -169,21 +169,38 @@ def test_precision_reaches_every_matrix_product(implementation):
     NtkImplementation.NTK_VECTOR_PRODUCTS])
 @pytest.mark.parametrize('vmap_axes', [None, 0])
 @pytest.mark.parametrize('trace_axes', [(), (-1,)])
+@pytest.mark.parametrize('budget', ['_JACOBIAN_BLOCK_BYTES',
+                                    '_WORKING_SET_BYTES'])
 def test_memory_bounded_blocks_equal_the_definition(monkeypatch,
                                                    implementation, vmap_axes,
-                                                   trace_axes):
-  """With a tiny memory budget, J(x1) is computed in blocks of examples
-  (lax.map) and NTK-vector products map their columns in batches: the
-  kernel is still the definition's, for a per-example function and (with
-  vmap_axes=None) one that couples examples through the batch mean."""
+                                                   trace_axes, budget):
+  """With a tiny budget for parameter tangents or for the intermediates of
+  the passes, J(x1) is computed in blocks of examples, J(x2) in pieces and
+  NTK-vector products map their columns in chunks, run in sequence: the
+  kernel is still the definition's, for per-example functions (one with a
+  convolution: its passes run as unrolled chunks, the others' in lax.map)
+  and (with vmap_axes=None) one that couples examples through the batch
+  mean."""
   from ntkjax import empirical
-  monkeypatch.setattr(empirical, '_JACOBIAN_BLOCK_BYTES', 64)
+  monkeypatch.setattr(empirical, budget, 64)
+  # Split work runs in lax.map or as chunks ordered by optimization
+  # barriers: count both.
+  splits = []
+  barrier, lax_map = jax.lax.optimization_barrier, jax.lax.map
+  monkeypatch.setattr(jax.lax, 'optimization_barrier', lambda x: (
+      splits.append('barrier') or barrier(x)))
+  monkeypatch.setattr(jax.lax, 'map', lambda *a, **k: (
+      splits.append('map') or lax_map(*a, **k)))
   rng = np.random.default_rng(3)
   params = {'w1': jnp.asarray(rng.standard_normal((3, 5))),
             'w2': jnp.asarray(rng.standard_normal((5, 2)))}
   x1 = jnp.asarray(rng.standard_normal((6, 3)))
   x2 = jnp.asarray(rng.standard_normal((4, 3)))
-  functions = [lambda p, x: jnp.tanh(x @ p['w1']) @ p['w2']]
+  conv = lambda p, x: jax.lax.conv_general_dilated(
+      x[:, :, None], p['w1'][:, None, :], (1,), 'SAME',
+      dimension_numbers=('NWC', 'WIO', 'NWC'))
+  functions = [lambda p, x: jnp.tanh(x @ p['w1']) @ p['w2'],
+               lambda p, x: jnp.mean(jnp.tanh(conv(p, x)), 1) @ p['w2']]
   if vmap_axes is None:
     functions.append(lambda p, x: jnp.tanh(
         x @ p['w1'] - jnp.mean(x @ p['w1'], 0)) @ p['w2'])
@@ -195,3 +212,5 @@ def test_memory_bounded_blocks_equal_the_definition(monkeypatch,
         jax.jit(ntk)(x1, x2, params),
         direct_empirical_kernel(f, params, x1, x2, trace_axes, (), 'ntk'),
         rtol=1e-11, atol=1e-11)
+  # The budget did split the work (else this test would not test it).
+  assert 'barrier' in splits, splits
