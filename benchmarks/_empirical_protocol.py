@@ -330,7 +330,8 @@ def run_case(library: dict, net: str, impl_name: str, output_dim: int,
     The case record (fields in the module docstring).
   """
   record = dict(case_key(net, impl_name, output_dim, n, vmap_axes),
-                floor_gflop=round(floor_gflop(net, n, output_dim), 3))
+                floor_gflop=round(floor_gflop(net, n, output_dim), 3),
+                xla_flags=os.environ.get('XLA_FLAGS', ''))
   init_fn, apply_fn = network(library['stax'], net, output_dim)
   _, params = init_fn(jax.random.PRNGKey(0), (-1,) + input_shape(net))
   record['num_params'] = sum(p.size for p in jax.tree_util.tree_leaves(params))
@@ -507,6 +508,10 @@ def parse_args(argv, library_name: str, implementations: Sequence[str]):
   parser.add_argument('--no-alias', action='store_true',
                       help=f'time {DEFAULT} even where it is the same call '
                            'as an explicit case of this run')
+  parser.add_argument('--variant', metavar='NAME',
+                      help='write <prefix>_NAME_<backend>.json instead, for '
+                           'runs under non-default settings (e.g. XLA_FLAGS '
+                           'in the environment; every record keeps them)')
   parser.add_argument('--case', nargs=4, metavar=('NET', 'IMPL', 'O', 'VMAP'),
                       help='run one case here and print its JSON (VMAP: '
                            f'None, 0 or {DEFAULT_VMAP})')
@@ -580,6 +585,8 @@ def main(argv, *, script: str, library: dict, prefix: str,
             f'{record["other_cores"]} cores', flush=True)
     records.append(record)
     by_label[case_label(*case)] = record
+  if args.variant:
+    prefix = f'{prefix}_{args.variant}'
   path = os.path.join(
       _common.RESULTS_DIR, f'{prefix}_{jax.default_backend()}'
       f'{"_quick" if args.quick else ""}.json')
@@ -603,8 +610,10 @@ def main(argv, *, script: str, library: dict, prefix: str,
   last_run = {'started_at': started_at, 'finished_at': _now(),
               'cases': [case_label(*c) for c in cases] if not full else 'all',
               'seconds': round(time.perf_counter() - start, 1)}
+  # A variant is its own benchmark for run_all.py (not paired with the
+  # reference, not mixed into the default settings' summary).
   _common.write_benchmark(
-      'empirical_ntk', records, library['name'], library['version'],
+      'empirical_ntk' + (f'_{args.variant}' if args.variant else ''), records, library['name'], library['version'],
       args.quick, prefix, COLUMNS, protocol=protocol,
       library_defaults=defaults, last_run=last_run,
       total_seconds=last_run['seconds'], **(extra or {}))

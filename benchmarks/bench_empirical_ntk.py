@@ -20,7 +20,8 @@ own. Implementations that raise NotImplementedError are recorded as
 For AUTO (and for DEFAULT where ntkjax's default implementation is AUTO) the
 record also has `auto_costs` ({implementation: cost}, from
 `ntkjax.ntk_implementation_costs` on the same shapes and axes; cost =
-flops + 8 x bytes of XLA's analysis), `auto_choice` (their argmin),
+flops + 8 x bytes of XLA's analysis), `auto_choice` (their argmin, with
+near-ties settled by `ntkjax.empirical.auto_choice`'s order),
 `auto_costs_seconds`, and, after all cases ran, `fastest_measured` (the
 fastest of the other three at the same network, O and vmap_axes) and
 `auto_chose_fastest`. Every record carries `ntkjax_sources_sha256`, a digest
@@ -97,8 +98,8 @@ def describe(apply_fn, x1, x2, params, impl_name: str, vmap_axes) -> dict:
 
   Returns:
     ntkjax_sources_sha256; for AUTO, and for DEFAULT where the default
-    implementation is AUTO, also auto_costs ({name: cost}), auto_choice (the
-    argmin) and auto_costs_seconds (or auto_costs_error where the costs
+    implementation is AUTO, also auto_costs ({name: cost}), auto_choice
+    (`empirical.auto_choice`: the argmin, near-ties by its order) and auto_costs_seconds (or auto_costs_error where the costs
     cannot be had for the default vmap_axes).
   """
   out = {'ntkjax_sources_sha256': sources_digest()}
@@ -120,9 +121,10 @@ def describe(apply_fn, x1, x2, params, impl_name: str, vmap_axes) -> dict:
     out['auto_costs_error'] = f'{type(error).__name__}: {error}'[:300]
     return out
   seconds = time.perf_counter() - start
+  choice = ntkjax.empirical.auto_choice(costs).name
   costs = {ntkjax.NtkImplementation(k).name: float(v)
            for k, v in costs.items()}
-  out.update(auto_choice=min(costs, key=costs.get), auto_costs=costs,
+  out.update(auto_choice=choice, auto_costs=costs,
              auto_costs_seconds=seconds)
   return out
 

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntkjax import example_axis, structured
+from ntkjax import _passes, example_axis, structured
 
 Axes = Union[int, Sequence[int]]
 
@@ -255,23 +255,24 @@ def _jacobian(f, params, x, kwargs, vmap, batch_rows: bool = True):
   if vmap is None:
     fx = jax.eval_shape(lambda p: f(p, x, **kwargs), params)
     rows = int(np.prod(fx.shape))
-    activations = _activation_bytes(f, params, x, kwargs)
-    unroll = _unrolled(f, params, x, kwargs)
+    activations = _passes.activation_bytes(f, params, x, kwargs)
+    unroll = _passes.convolves(f, params, x, kwargs)
     # Without convolutions: the sum overstates what a pass holds (fusion)
     # and looped rows ran slower: rows batched only past 4x the budget.
-    row_bytes = (_param_bytes(params) + activations) / 4
+    row_bytes = (_passes.param_bytes(params) + activations) / 4
     if not batch_rows or (not unroll and
-                          rows * row_bytes <= _JACOBIAN_BLOCK_BYTES):
+                          rows * row_bytes <= _passes.JACOBIAN_BLOCK_BYTES):
       return jax.jacrev(lambda p: f(p, x, **kwargs))(params)
     # One reverse pass per output entry, each holding a cotangent of every
-    # intermediate of the whole batch: with convolutions `_map` runs them
-    # in chunks whose cotangents stay small (XLA CPU ran the CNN
+    # intermediate of the whole batch: with convolutions `map_passes` runs
+    # them in chunks whose cotangents stay small (XLA CPU ran the CNN
     # benchmark's 128 passes in one vmap 1.6x slower than in chunks).
     _, vjp = jax.vjp(lambda p: f(p, x, **kwargs), params)
     basis = jnp.eye(rows, dtype=fx.dtype).reshape((rows,) + fx.shape)
-    jac = (_map(lambda e: vjp(e)[0], basis, _param_bytes(params),
-                activations, unroll=True) if unroll else
-           _map(lambda e: vjp(e)[0], basis, row_bytes))
+    pullback = lambda e: vjp(e)[0]
+    jac = (_passes.map_passes(pullback, basis, _passes.param_bytes(params),
+                              activations, unroll=True) if unroll else
+           _passes.map_passes(pullback, basis, row_bytes))
     return jax.tree.map(lambda j: j.reshape(fx.shape + j.shape[1:]), jac)
   in_axis, out_axis, kwargs_axes = vmap
   batched = {k: v for k, v in kwargs.items() if kwargs_axes.get(k) is not None}
@@ -282,28 +283,23 @@ def _jacobian(f, params, x, kwargs, vmap, batch_rows: bool = True):
     single = lambda p: jnp.squeeze(
         f(p, jnp.expand_dims(xi, in_axis), **kw, **shared), out_axis)
     return jax.jacrev(single)(params)
-  # Examples in chunks (`_map`) when their reverse passes together would
-  # pass the working set or the tangents budget.
+  # Examples in chunks (`_passes.map_passes`) when their reverse passes
+  # together would pass the working set or the tangents budget.
   n = x.shape[in_axis]
   fx = jax.eval_shape(lambda p: f(p, x, **kwargs), params)
   rows = int(np.prod(fx.shape)) // max(n, 1)
   moved = (jnp.moveaxis(x, in_axis, 0),
            {k: jnp.moveaxis(v, kwargs_axes[k], 0) for k, v in batched.items()})
-  if _unrolled(f, params, x, kwargs):
-    jac = _map(lambda xk: one_example(*xk), moved,
-               rows * _param_bytes(params),
-               rows * _activation_bytes(f, params, x, kwargs) / max(n, 1),
-               unroll=True)
+  if _passes.convolves(f, params, x, kwargs):
+    jac = _passes.map_passes(
+        lambda xk: one_example(*xk), moved,
+        rows * _passes.param_bytes(params),
+        rows * _passes.activation_bytes(f, params, x, kwargs) / max(n, 1),
+        unroll=True)
   else:
     jac = jax.vmap(lambda xk: one_example(*xk))(moved)
   # vmap put the example axis first; move it to where f puts it.
   return jax.tree.map(lambda j: jnp.moveaxis(j, 0, out_axis), jac)
-
-
-# J(x1) in blocks of examples past this (peak: J(x2) and one block, same
-# flops). Not smaller: every block reads J(x2) again (256 MB blocks: the
-# MLP benchmark ran 1.5-3x slower).
-_JACOBIAN_BLOCK_BYTES = 1 << 31
 
 
 def _ntk_jacobian_contraction(f, params, x1, x2, kwargs, trace, diagonal,
@@ -334,8 +330,8 @@ def _ntk_jacobian_contraction(f, params, x1, x2, kwargs, trace, diagonal,
   fx1 = jax.eval_shape(lambda p: f(p, x1, **kwargs), params)
   axis = 0 if vmap is None else vmap[1] % ndim     # examples in f(x1)
   n1 = fx1.shape[axis]
-  row_bytes = np.prod(fx1.shape) // max(n1, 1) * _param_bytes(params)
-  block = _block_size(n1, row_bytes)
+  row_bytes = np.prod(fx1.shape) // max(n1, 1) * _passes.param_bytes(params)
+  block = _passes.block_size(n1, row_bytes)
   j2 = _jacobian(f, params, x1 if x2 is None else x2, kwargs, vmap,
                  batch_rows=not group)
   contract = lambda j1: _contract_jacobians(j1, j2, s1, s2, out, ndim)
@@ -343,8 +339,8 @@ def _ntk_jacobian_contraction(f, params, x1, x2, kwargs, trace, diagonal,
     return contract(j2 if x2 is None else _jacobian(f, params, x1, kwargs,
                                                    vmap))
   inputs, rows = _jacobian_rows(f, params, x1, kwargs, vmap, fx1, block)
-  if _unrolled(f, params, x1, kwargs):
-    blocks = jnp.stack(_sequence(lambda xs: contract(rows(xs)), inputs))
+  if _passes.convolves(f, params, x1, kwargs):
+    blocks = jnp.stack(_passes.sequence(lambda xs: contract(rows(xs)), inputs))
   else:
     blocks = jax.lax.map(lambda xs: contract(rows(xs)),
                          jax.tree.map(lambda *a: jnp.stack(a), *inputs))
@@ -356,27 +352,18 @@ def _ntk_jacobian_contraction(f, params, x1, x2, kwargs, trace, diagonal,
 
 def _leaf_groups(f, params, x2, kwargs) -> list:
   """Parameter leaf indices in consecutive groups whose J(x2) fits
-  `_JACOBIAN_BLOCK_BYTES` (a larger leaf is a group of its own)."""
+  `_passes.JACOBIAN_BLOCK_BYTES` (a larger leaf is a group of its own)."""
   fx2 = jax.eval_shape(lambda p: f(p, x2, **kwargs), params)
   row_bytes = np.prod(fx2.shape) * jnp.dtype(fx2.dtype).itemsize
   groups, size = [[]], 0
   for i, leaf in enumerate(jax.tree.leaves(params)):
     leaf_bytes = np.size(leaf) * row_bytes
-    if groups[-1] and size + leaf_bytes > _JACOBIAN_BLOCK_BYTES:
+    if groups[-1] and size + leaf_bytes > _passes.JACOBIAN_BLOCK_BYTES:
       groups.append([])
       size = 0
     groups[-1].append(i)
     size += leaf_bytes
   return [g for g in groups if g]
-
-
-def _block_size(n: int, row_bytes: float) -> int:
-  """Examples per block of J(x1): all of them if small, else the largest
-  divisor of n whose block fits `_JACOBIAN_BLOCK_BYTES`."""
-  if n * row_bytes <= _JACOBIAN_BLOCK_BYTES:
-    return n
-  target = max(1, int(_JACOBIAN_BLOCK_BYTES // max(row_bytes, 1)))
-  return max(d for d in range(1, min(target, n) + 1) if n % d == 0)
 
 
 def _jacobian_rows(f, params, x1, kwargs, vmap, fx1, block: int):
@@ -389,15 +376,16 @@ def _jacobian_rows(f, params, x1, kwargs, vmap, fx1, block: int):
     _, vjp1 = jax.vjp(lambda p: f(p, x1, **kwargs), params)
     size = int(np.prod(fx1.shape))
     rest = size // n1
-    activations = _activation_bytes(f, params, x1, kwargs)
-    unroll = _unrolled(f, params, x1, kwargs)
+    activations = _passes.activation_bytes(f, params, x1, kwargs)
+    unroll = _passes.convolves(f, params, x1, kwargs)
     inputs = [jax.nn.one_hot(start * rest + jnp.arange(block * rest), size,
                              dtype=fx1.dtype).reshape((-1,) + fx1.shape)
               for start in range(0, n1, block)]
 
     def rows(basis):
-      (jac,) = (_map(vjp1, basis, _param_bytes(params), activations,
-                     unroll=True) if unroll else jax.vmap(vjp1)(basis))
+      (jac,) = (_passes.map_passes(vjp1, basis, _passes.param_bytes(params),
+                                   activations, unroll=True)
+                if unroll else jax.vmap(vjp1)(basis))
       return jax.tree.map(
           lambda j: j.reshape((block,) + fx1.shape[1:] + j.shape[1:]), jac)
     return inputs, rows
@@ -451,9 +439,10 @@ def _ntk_vector_products(f, params, x1, x2, kwargs, trace, diagonal, ndim,
     rows = jax.linear_transpose(columns, fx2)
     size1 = int(np.prod(fx1.shape))
     basis = jnp.eye(size1, dtype=fx1.dtype).reshape((size1,) + fx1.shape)
-    full = _map(lambda e: rows(e)[0], basis, _param_bytes(params),
-                _activation_bytes(f, params, x1, kwargs),
-                unroll=_unrolled(f, params, x1, kwargs))
+    full = _passes.map_passes(
+        lambda e: rows(e)[0], basis, _passes.param_bytes(params),
+        _passes.activation_bytes(f, params, x1, kwargs),
+        unroll=_passes.convolves(f, params, x1, kwargs))
     full = full.reshape(fx1.shape + full.shape[1:])    # (x1 axes, x2 axes)
     return jnp.einsum(f'{s1}{s2}->{out}', full)
   _, jvp1 = jax.linearize(f1, params)
@@ -474,106 +463,15 @@ def _ntk_vector_products(f, params, x1, x2, kwargs, trace, diagonal, ndim,
     return jax.vmap(lambda e: jvp1(vjp2(e)[0]))(basis)
   moved = (jnp.moveaxis(x1 if x2 is None else x2, in_axis, 0),
            {k: jnp.moveaxis(v, kwargs_axes[k], 0) for k, v in batched.items()})
-  full = _map(lambda xk: example_columns(*xk), moved,
-              size * _param_bytes(params),
-              size * _activation_bytes(f, params, x1, kwargs),
-              unroll=_unrolled(f, params, x1, kwargs))
+  full = _passes.map_passes(
+      lambda xk: example_columns(*xk), moved,
+      size * _passes.param_bytes(params),
+      size * _passes.activation_bytes(f, params, x1, kwargs),
+      unroll=_passes.convolves(f, params, x1, kwargs))
   # (N2, one example's outputs, f(x1) axes) -> f(x2) axes, f(x1) axes.
   full = full.reshape((full.shape[0],) + one_shape + full.shape[2:])
   full = jnp.moveaxis(full, 0, out_axis)
   return jnp.einsum(f'{s2}{s1}->{out}', full)
-
-
-def _equations(f, params, x, kwargs) -> list:
-  """The equations of f(params, x)'s jaxpr, sub-jaxprs included."""
-  closed = jax.make_jaxpr(lambda p, a: f(p, a, **kwargs))(params, x)
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      yield eqn
-      for sub in eqn.params.values():
-        inner = getattr(sub, 'jaxpr', sub)
-        if hasattr(inner, 'eqns'):
-          yield from walk(inner)
-  return list(walk(closed.jaxpr))
-
-
-def _activation_bytes(f, params, x, kwargs) -> int:
-  """Bytes of all intermediate values of f(params, x): what one reverse
-  (or forward) pass over this batch holds as cotangents (tangents)."""
-  return sum(int(np.prod(v.aval.shape)) * jnp.dtype(v.aval.dtype).itemsize
-             for eqn in _equations(f, params, x, kwargs)
-             for v in eqn.outvars
-             if hasattr(v.aval, 'shape') and hasattr(v.aval, 'dtype'))
-
-
-def _param_bytes(params) -> int:
-  return sum(np.size(leaf) * jnp.dtype(jnp.result_type(leaf)).itemsize
-             for leaf in jax.tree.leaves(params))
-
-
-# Intermediates of one unrolled chunk of `_map`'s passes stay under this:
-# XLA CPU ran 128 whole-batch reverse passes of the CNN benchmark 1.6x
-# slower in one vmap (3 GB by the jaxpr sum) than in chunks of 4 to 32.
-_WORKING_SET_BYTES = 1 << 29
-# Chunks are unrolled (`_sequence`); more would only lengthen compilation.
-_MAX_CHUNKS = 64
-
-
-def _map(fn, xs, item_bytes: float, work_bytes: float = 0.,
-         unroll: bool = False):
-  """`vmap(fn)(xs)` over the leading axis, in chunks run one after another
-  when all items at once would hold more than `_JACOBIAN_BLOCK_BYTES` of
-  parameter tangents (`item_bytes` each) or, with `unroll`,
-  `_WORKING_SET_BYTES` of intermediates (`work_bytes` each).
-
-  `unroll` (for programs with convolutions, `_unrolled`): the chunks are
-  static slices in a Python loop, not `lax.map`: XLA CPU ran convolutions
-  inside a while loop ~50x slower (the CNN benchmark's Jacobian: 320 s in
-  `lax.map` against 4.4 s unrolled), while the MLP's vector products ran
-  1.2x faster in `lax.map` than unrolled. Unrolled chunks are
-  concatenated at the end (DESIGN.md section 3 says why).
-  """
-  if not unroll:
-    n = jax.tree.leaves(xs)[0].shape[0]
-    if n * item_bytes <= _JACOBIAN_BLOCK_BYTES:
-      return jax.vmap(fn)(xs)
-    # A divisor of n: lax.map would concatenate a remainder (a copy).
-    return jax.lax.map(fn, xs, batch_size=_block_size(n, item_bytes))
-  n = jax.tree.leaves(xs)[0].shape[0]
-  chunk = min(n, int(_JACOBIAN_BLOCK_BYTES // max(item_bytes, 1)),
-              int(_WORKING_SET_BYTES // max(work_bytes, 1)))
-  chunk = max(chunk, 1, -(-n // _MAX_CHUNKS))
-  if chunk >= n:
-    return jax.vmap(fn)(xs)
-  # Equal chunks where a divisor is close (a ragged last chunk compiles
-  # one more program).
-  divisor = max(d for d in range(1, chunk + 1) if n % d == 0)
-  chunk = divisor if 2 * divisor >= chunk else chunk
-  pieces = _sequence(jax.vmap(fn), [
-      jax.tree.map(lambda a: a[start:start + chunk], xs)
-      for start in range(0, n, chunk)])
-  return jax.tree.map(lambda *p: jnp.concatenate(p), *pieces)
-
-
-def _unrolled(f, params, x, kwargs) -> bool:
-  """Whether f(params, x) convolves: then batches of passes run as unrolled
-  chunks (`_map`), since XLA CPU runs convolutions in loops slowly."""
-  return any(eqn.primitive.name == 'conv_general_dilated'
-             for eqn in _equations(f, params, x, kwargs))
-
-
-def _sequence(fn, inputs: list) -> list:
-  """[fn(x) for x in inputs], each call ordered after the previous one's
-  result (an optimization barrier ties its input to that result): XLA
-  would otherwise be free to run all calls at once and hold all their
-  intermediates."""
-  results = []
-  for x in inputs:
-    if results:
-      x, results[-1] = jax.lax.optimization_barrier((x, results[-1]))
-    results.append(fn(x))
-  return results
 
 
 def _ntk_structured(f, params, x1, x2, kwargs, trace, diagonal, ndim, vmap):
@@ -707,6 +605,17 @@ def _ntk(implementation, f, x1, x2, params, kwargs, trace, diagonal, ndim,
 # a GPU (float32 without tensor cores); the counts come from XLA's analysis
 # of the unoptimised HLO, which is device independent.
 _BYTE_COST = 8.
+# Costs within 5% of the cheapest are a tie (XLA's analysis of unoptimised
+# HLO is no finer), settled by this order. Measured (benchmarks/results/
+# empirical_ntk_cpu.json): on the CNN without vmap, where all three costs
+# were within 2%, the vector products ran fastest or within 0.3% of it and
+# the Jacobian contraction slowest (3.94 s against 3.40 s at O = 1, 48.8 s
+# against 40.6 s at O = 10); with vmap_axes=0 structured derivatives beat
+# a Jacobian contraction costed 4.9% above them (0.12 s against 0.15 s).
+_COST_TIE = 0.05
+_TIE_ORDER = (NtkImplementation.NTK_VECTOR_PRODUCTS,
+              NtkImplementation.STRUCTURED_DERIVATIVES,
+              NtkImplementation.JACOBIAN_CONTRACTION)
 _AUTO_CHOICES = {}
 
 
@@ -737,9 +646,17 @@ def _costs(f, x1, x2, params, kwargs, trace, diagonal, ndim, fx2_shape,
   return costs
 
 
+def auto_choice(costs: dict) -> NtkImplementation:
+  """AUTO's pick from `ntk_implementation_costs`' estimates: the cheapest,
+  near-ties (within `_COST_TIE`) settled by `_TIE_ORDER`."""
+  cheapest = min(costs.values())
+  return next(c for c in _TIE_ORDER if costs[c] <= cheapest * (1 + _COST_TIE))
+
+
 def _cheapest(f, x1, x2, params, kwargs, trace, diagonal, ndim, fx2_shape,
               vmap) -> NtkImplementation:
-  """AUTO: the implementation with the smallest estimated cost (`_costs`).
+  """AUTO: the implementation with the smallest estimated cost (`_costs`);
+  near-ties (within `_COST_TIE`) go to the first in `_TIE_ORDER`.
 
   The choice is cached per function, shapes, dtypes and axes. If lowering
   fails (e.g. `f` closes over values being traced by an outer
@@ -755,7 +672,7 @@ def _cheapest(f, x1, x2, params, kwargs, trace, diagonal, ndim, fx2_shape,
     try:
       costs = _costs(f, x1, x2, params, kwargs, trace, diagonal, ndim,
                      fx2_shape, vmap)
-      _AUTO_CHOICES[key] = min(costs, key=costs.get)
+      _AUTO_CHOICES[key] = auto_choice(costs)
     except Exception:  # noqa: BLE001 -- any failure means "cannot estimate"
       return NtkImplementation.STRUCTURED_DERIVATIVES
   return _AUTO_CHOICES[key]

@@ -169,8 +169,8 @@ def test_precision_reaches_every_matrix_product(implementation):
     NtkImplementation.NTK_VECTOR_PRODUCTS])
 @pytest.mark.parametrize('vmap_axes', [None, 0])
 @pytest.mark.parametrize('trace_axes', [(), (-1,)])
-@pytest.mark.parametrize('budget', ['_JACOBIAN_BLOCK_BYTES',
-                                    '_WORKING_SET_BYTES'])
+@pytest.mark.parametrize('budget', ['JACOBIAN_BLOCK_BYTES',
+                                    'WORKING_SET_BYTES'])
 def test_memory_bounded_blocks_equal_the_definition(monkeypatch,
                                                    implementation, vmap_axes,
                                                    trace_axes, budget):
@@ -181,8 +181,8 @@ def test_memory_bounded_blocks_equal_the_definition(monkeypatch,
   convolution: its passes run as unrolled chunks, the others' in lax.map)
   and (with vmap_axes=None) one that couples examples through the batch
   mean."""
-  from ntkjax import empirical
-  monkeypatch.setattr(empirical, budget, 64)
+  from ntkjax import _passes
+  monkeypatch.setattr(_passes, budget, 64)
   # Split work runs in lax.map or as chunks ordered by optimization
   # barriers: count both.
   splits = []

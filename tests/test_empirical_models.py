@@ -269,7 +269,8 @@ def test_coupled_examples_without_vmap_equal_reference(implementation,
 @pytest.mark.parametrize('name', PER_EXAMPLE)
 def test_auto_choice_is_the_cheapest(name, vmap_axes, trace_axes):
   """AUTO runs the implementation that `ntk_implementation_costs` rates
-  cheapest (a real one, never AUTO), and its result is the reference."""
+  cheapest, near-ties settled by `_TIE_ORDER` (a real one, never AUTO),
+  and its result is the reference."""
   f, params, x1, x2, j1, j2 = _case(name)
   wrapped = lambda p, x: f(p, x)   # a fresh function: its own cache entries
   costs = empirical.ntk_implementation_costs(
@@ -287,7 +288,12 @@ def test_auto_choice_is_the_cheapest(name, vmap_axes, trace_axes):
             if any(part is wrapped for part in key)]
   assert len(chosen) == 1, chosen
   assert chosen[0] in costs
-  assert costs[chosen[0]] == min(costs.values()), (chosen[0], costs)
+  # The cheapest, or a near-tie settled by the documented order.
+  cheapest = min(costs.values())
+  tied = [c for c in empirical._TIE_ORDER
+          if costs[c] <= cheapest * (1 + empirical._COST_TIE)]
+  assert chosen[0] == tied[0] == empirical.auto_choice(costs), (chosen[0],
+                                                                 costs)
 
 
 def _close(a, b):
