@@ -151,6 +151,8 @@ def summary_rows(results: list) -> list:
   """
   rows = {}
   for _, payload in results:
+    if payload['benchmark'] in ACCURACY_BENCHMARKS:
+      continue        # no timings to pair: its own section (hyper_section)
     side = 'ours' if payload.get('library') == OURS else 'ref'
     group = (payload['benchmark'], _backend(payload))
     for case in payload['cases']:
@@ -260,6 +262,38 @@ def empirical_goals() -> str:
       'includes each jax\'s baseline.\n'] + parts)
 
 
+# Benchmarks whose records are accuracies, not timings.
+ACCURACY_BENCHMARKS = ('hyper',)
+
+
+def hyper_section(results: list) -> str:
+  """Mean test accuracy per data set and model, and the goals, from
+  bench_hyper.py's results ('' if there are none)."""
+  parts = []
+  for name, payload in results:
+    if payload['benchmark'] != 'hyper':
+      continue
+    cases = payload['cases']
+    models = list(dict.fromkeys(c['model'] for c in cases))
+    datasets = list(dict.fromkeys(c['dataset'] for c in cases))
+    mean = {(c['dataset'], c['model']): c for c in cases}
+    lines = ['| data set | ' + ' | '.join(models) + ' |',
+             '|---|' + '---|' * len(models)]
+    for d in datasets:
+      cells = [f'{mean[d, m]["accuracy_mean"]:.4f} '
+               f'({mean[d, m]["fit_seconds_mean"]:.1f} s)'
+               if (d, m) in mean else '—' for m in models]
+      lines.append(f'| {d} | ' + ' | '.join(cells) + ' |')
+    seeds = payload.get('protocol', {}).get('seeds', '?')
+    parts.append(f'`results/{name}` (seeds {seeds}; mean test accuracy, '
+                 'mean fit seconds):\n\n' + '\n'.join(lines) + '\n\n'
+                 f'Goals: {json.dumps(payload.get("goals", {}).get("met"))}'
+                 '\n')
+  if not parts:
+    return ''
+  return '\n'.join(['## Hyperparameters by marginal likelihood\n'] + parts)
+
+
 def machines(results: list) -> str:
   """One bullet per results file: where and with what it was measured."""
   lines = []
@@ -312,6 +346,7 @@ def write_readme(results: list) -> str:
       'timings: check the load averages below.\n',
       summary_table(summary_rows(results)),
       empirical_goals(),
+      hyper_section(results),
       '## Machines\n',
       machines(results) if results else '_None._\n',
   ]

@@ -1,6 +1,6 @@
 """ntkjax: finite and infinite-width neural networks from one definition."""
 
-from ntkjax import finite_width, predict, signal, spectrum, stax
+from ntkjax import finite_width, hyper, predict, signal, spectrum, stax
 from ntkjax.batching import batch
 from ntkjax.empirical import (NtkImplementation, empirical_kernel_fn,
                               empirical_nngp_fn, empirical_ntk_fn,
@@ -14,7 +14,7 @@ from ntkjax.training import TrainResult, train
 __version__ = '0.1.0'
 
 __all__ = ['Kernel', 'KernelError', 'Layer', 'NtkImplementation', 'batch',
-           'finite_width', 'signal', 'spectrum',
+           'finite_width', 'hyper', 'signal', 'spectrum',
            'empirical_kernel_fn', 'empirical_nngp_fn', 'empirical_ntk_fn',
            'ntk_implementation_costs',
            'linearize', 'monte_carlo_kernel_fn', 'predict', 'stax', 'taylor_expand',

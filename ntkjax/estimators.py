@@ -7,7 +7,8 @@ For people who just want the kernel machine of an infinitely wide network:
     mean, std = model.predict(X_test, return_std=True)
 
 Estimators (all take `kernel_fn`, `diag_reg`, `diag_reg_absolute_scale`,
-`batch_size`; see `NTKRegressor`):
+`batch_size`, and `optimize`, `builder`, `n_restarts` to fit the kernel's
+hyperparameters by marginal likelihood at `fit`; see `NTKRegressor`):
 
   `NTKRegressor`    the infinite ensemble of networks trained by gradient
                     flow on the MSE to t = inf: mean Theta_* Theta^{-1} y.
@@ -53,11 +54,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntkjax import hyper
 from ntkjax import predict as _predict
 from ntkjax import stax
 
 __all__ = ['HAS_SKLEARN', 'NNGPClassifier', 'NNGPRegressor', 'NTKClassifier',
-           'NTKRegressor', 'NotFittedError', 'default_kernel_fn']
+           'NTKRegressor', 'NotFittedError', 'default_builder',
+           'default_kernel_fn']
 
 _Kernels = collections.namedtuple('_Kernels', 'nngp ntk')
 """Train-train kernels as NumPy arrays (`ntk` None for NNGP estimators);
@@ -68,28 +71,46 @@ module-level so fitted estimators pickle."""
 # The default architecture.
 
 
+def default_builder(W_std=1.5, b_std=0.05) -> Callable:
+  """The default architecture as a function of its hyperparameters.
+
+  A depth-3 fully connected ReLU network, every layer with the same
+  `W_std` and `b_std`,
+
+      stax.serial(stax.Dense(512, W_std, b_std), stax.Relu(),
+                  stax.Dense(512, W_std, b_std), stax.Relu(),
+                  stax.Dense(1, W_std, b_std)),
+
+  whose infinite-width kernels are analytic (the widths do not enter). The
+  estimators fit `W_std` and `b_std` from these defaults with
+  `optimize=True` (`ntkjax.hyper.fit`).
+
+  Args:
+    W_std: weight standard deviation of every layer (float or traced).
+    b_std: bias standard deviation of every layer.
+
+  Returns:
+    `kernel_fn(x1, x2=None, get=None)` as returned by `ntkjax.stax`.
+  """
+  _, _, kernel_fn = stax.serial(
+      stax.Dense(512, W_std=W_std, b_std=b_std), stax.Relu(),
+      stax.Dense(512, W_std=W_std, b_std=b_std), stax.Relu(),
+      stax.Dense(1, W_std=W_std, b_std=b_std))
+  return kernel_fn
+
+
 @functools.lru_cache(maxsize=None)
 def default_kernel_fn() -> Callable:
   """The `kernel_fn` the estimators use when given `kernel_fn=None`.
 
-  A depth-3 fully connected ReLU network,
-
-      stax.serial(stax.Dense(512, W_std=1.5, b_std=0.05), stax.Relu(),
-                  stax.Dense(512, W_std=1.5, b_std=0.05), stax.Relu(),
-                  stax.Dense(1, W_std=1.5, b_std=0.05)),
-
-  whose infinite-width kernels are analytic (the widths do not enter), under
+  `default_builder()` at its defaults (W_std=1.5, b_std=0.05), under
   `jax.jit(..., static_argnames='get')`: one compilation per input shape.
   Built once and cached.
 
   Returns:
     `kernel_fn(x1, x2=None, get=None)` as returned by `ntkjax.stax`.
   """
-  _, _, kernel_fn = stax.serial(
-      stax.Dense(512, W_std=1.5, b_std=0.05), stax.Relu(),
-      stax.Dense(512, W_std=1.5, b_std=0.05), stax.Relu(),
-      stax.Dense(1, W_std=1.5, b_std=0.05))
-  return jax.jit(kernel_fn, static_argnames='get')
+  return jax.jit(default_builder(), static_argnames='get')
 
 
 # ----------------------------------------------------------------------------
@@ -321,11 +342,15 @@ class _KernelMachine(_BaseEstimator):
 
   def __init__(self, kernel_fn: Optional[Callable] = None,
                diag_reg: float = 1e-6, diag_reg_absolute_scale: bool = False,
-               batch_size: Optional[int] = None):
+               batch_size: Optional[int] = None, optimize: bool = False,
+               builder: Optional[Callable] = None, n_restarts: int = 2):
     self.kernel_fn = kernel_fn
     self.diag_reg = diag_reg
     self.diag_reg_absolute_scale = diag_reg_absolute_scale
     self.batch_size = batch_size
+    self.optimize = optimize
+    self.builder = builder
+    self.n_restarts = n_restarts
 
   # -- parameters, checked at fit time (scikit-learn's convention).
 
@@ -345,9 +370,56 @@ class _KernelMachine(_BaseEstimator):
                              or size < 1):
       raise ValueError(f'batch_size must be None or an integer >= 1, got '
                        f'{size!r}.')
+    if self.optimize not in (True, False):
+      raise ValueError(f'optimize must be True or False, got '
+                       f'{self.optimize!r}.')
+    if self.builder is not None and not self.optimize:
+      raise ValueError('builder is used only with optimize=True; pass '
+                       'optimize=True, or pass a fixed kernel_fn instead.')
+    if self.optimize and self.kernel_fn is not None:
+      raise ValueError(
+          'optimize=True fits the hyperparameters of builder(**values); a '
+          'fixed kernel_fn has none to fit. Pass builder=... (a function of '
+          'the hyperparameters returning a kernel_fn) instead of kernel_fn.')
+    if self.builder is not None and not callable(self.builder):
+      raise TypeError(f'builder must be callable, got {self.builder!r}.')
+    restarts = self.n_restarts
+    if (isinstance(restarts, bool) or not isinstance(restarts, numbers.Integral)
+        or restarts < 1):
+      raise ValueError(f'n_restarts must be an integer >= 1, got '
+                       f'{restarts!r}.')
 
-  def _kernel_fn(self) -> Callable:
+  def _kernel_fn(self, fitted: bool = True) -> Callable:
+    """The fitted kernel (optimize=True, after fit), else the given one."""
+    if fitted and self.__dict__.get('kernel_fn_') is not None:
+      return self.kernel_fn_
     return default_kernel_fn() if self.kernel_fn is None else self.kernel_fn
+
+  def _builder(self) -> Callable:
+    return default_builder if self.builder is None else self.builder
+
+  def _optimize(self, X, targets):
+    """Fit the builder's hyperparameters by evidence (`hyper.fit`), from
+    the builder's default values and `diag_reg`."""
+    builder = self._builder()
+    init = {name: p.default for name, p in
+            inspect.signature(builder).parameters.items()
+            if isinstance(p.default, float)}
+    if not init:
+      raise TypeError(
+          f'builder {getattr(builder, "__name__", builder)!r} has no keyword '
+          'arguments with float defaults; optimize=True fits those, starting '
+          'there (e.g. def builder(W_std=1.5, b_std=0.05): ...).')
+    # The NTK estimators' mean is the NTK-GP's (see `hyper`).
+    return hyper.fit(builder, X, targets, init, get=self._mode,
+                     diag_reg=min(max(self.diag_reg, 2e-8), 50.),
+                     diag_reg_absolute_scale=self.diag_reg_absolute_scale,
+                     restarts=self.n_restarts)
+
+  def _fitted_kernel_fn(self, hyperparameters: dict) -> Callable:
+    """builder(**fitted values), jitted as `default_kernel_fn` is."""
+    values = {k: v for k, v in hyperparameters.items() if k != hyper.NOISE}
+    return jax.jit(self._builder()(**values), static_argnames='get')
 
   def _names(self) -> tuple:
     """Kernels the mode needs: the NTK posterior's covariance needs both."""
@@ -371,20 +443,21 @@ class _KernelMachine(_BaseEstimator):
         block = np.concatenate([block, np.repeat(block[-1:], size - real, 0)])
       yield block, real
 
-  def _kernels(self, x1, x2, names=None) -> _Kernels:
-    """`kernel_fn(x1, x2, get=names)` as NumPy arrays (absent fields None)."""
-    kernel_fn = self._kernel_fn()
+  def _kernels(self, x1, x2, names=None, kernel_fn=None) -> _Kernels:
+    """`kernel_fn(x1, x2, get=names)` as NumPy arrays (absent fields None);
+    kernel_fn defaults to `_kernel_fn()`."""
+    kernel_fn = self._kernel_fn() if kernel_fn is None else kernel_fn
     names = self._names() if names is None else names
     kernels = kernel_fn(x1, x2, get=names)
     return _Kernels(**{name: _field(kernels, name, kernel_fn)
                        if name in names else None
                        for name in _Kernels._fields})
 
-  def _train_kernels(self, x) -> _Kernels:
+  def _train_kernels(self, x, kernel_fn) -> _Kernels:
     """Train-train kernels: one symmetric call, or row blocks symmetrized."""
     if self.batch_size is None or self.batch_size >= x.shape[0]:
-      return self._kernels(x, None)
-    blocks = [(self._kernels(block, x), real)
+      return self._kernels(x, None, kernel_fn=kernel_fn)
+    blocks = [(self._kernels(block, x, kernel_fn=kernel_fn), real)
               for block, real in self._row_blocks(x)]
 
     def symmetric(name):
@@ -400,7 +473,13 @@ class _KernelMachine(_BaseEstimator):
     """Store the training set and build the posterior; targets (N, k)."""
     dtype = _working_dtype()
     X = np.asarray(X, dtype=dtype)
-    kernels = self._train_kernels(X)
+    fitted, kernel_fn = None, None
+    if self.optimize:
+      fitted = self._optimize(X, targets)
+      kernel_fn = self._fitted_kernel_fn(fitted.hyperparameters)
+    else:
+      kernel_fn = self._kernel_fn(fitted=False)
+    kernels = self._train_kernels(X, kernel_fn)
     for name, k in zip(_Kernels._fields, kernels):
       if k is not None and not np.all(np.isfinite(k)):
         raise ValueError(
@@ -411,12 +490,21 @@ class _KernelMachine(_BaseEstimator):
     self.X_train_ = X
     self.y_train_ = np.asarray(targets, dtype=dtype)
     self.train_kernels_ = kernels
+    for name in ('hyperparameters_', 'kernel_fn_', 'diag_reg_',
+                 'log_marginal_likelihood_'):
+      self.__dict__.pop(name, None)       # from an earlier fit
+    if fitted is not None:
+      self.hyperparameters_ = fitted.hyperparameters
+      self.kernel_fn_ = kernel_fn
+      self.diag_reg_ = fitted.hyperparameters[hyper.NOISE]
+      self.log_marginal_likelihood_ = fitted.log_marginal_likelihood
     self._build_posterior()
     return self
 
   def _build_posterior(self):
     self._posterior = _predict.gp_inference(
-        self.train_kernels_, self.y_train_, diag_reg=self.diag_reg,
+        self.train_kernels_, self.y_train_,
+        diag_reg=self.__dict__.get('diag_reg_', self.diag_reg),
         diag_reg_absolute_scale=self.diag_reg_absolute_scale)
 
   def _outputs(self, X, return_std: bool):
@@ -453,10 +541,13 @@ class _KernelMachine(_BaseEstimator):
     state = super().__getstate__()
     state = dict(state)
     state.pop('_posterior', None)
+    state.pop('kernel_fn_', None)    # a jitted closure: rebuilt on load
     return state
 
   def __setstate__(self, state):
     super().__setstate__(state)
+    if 'hyperparameters_' in self.__dict__:
+      self.kernel_fn_ = self._fitted_kernel_fn(self.hyperparameters_)
     if 'train_kernels_' in self.__dict__:
       self._build_posterior()
 
@@ -609,6 +700,21 @@ _PARAMETERS_DOC = """
       kernels in blocks of that many rows (padded to a fixed shape, so a
       jitted kernel_fn compiles once), bounding memory by
       batch_size * n_train per kernel.
+    optimize: fit the hyperparameters at `fit` by maximizing the evidence
+      of the training targets (`ntkjax.hyper.fit`: the NNGP evidence for
+      the NNGP estimators, the NTK-GP evidence for the NTK ones), starting
+      from the builder's numeric defaults and `diag_reg`, which is fitted
+      too. The fitted values are in `hyperparameters_` (with `diag_reg`),
+      the evidence in `log_marginal_likelihood_`; `diag_reg_` is the noise
+      used. The train-train kernel is then computed whole (n_train^2).
+    builder: with `optimize=True`, `builder(**hyperparameters)` -> kernel_fn;
+      its keyword arguments with float defaults are fitted, starting there
+      (e.g. `def builder(W_std=1.5, b_std=0.05, depth=3): return
+      stax.serial(...)[2]` fits W_std and b_std; depth keeps its default).
+      None: `default_builder` (the default architecture). Module-level builders keep the estimator
+      picklable.
+    n_restarts: optimizer runs (the first from the defaults, the others
+      from random starts around them); the best evidence wins.
 """
 
 

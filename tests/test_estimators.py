@@ -246,7 +246,8 @@ def test_get_params_set_params(cls):
   model = cls()
   assert model.get_params() == {'kernel_fn': None, 'diag_reg': 1e-6,
                                 'diag_reg_absolute_scale': False,
-                                'batch_size': None}
+                                'batch_size': None, 'optimize': False,
+                                'builder': None, 'n_restarts': 2}
   kernel_fn = ArcCosKernel()
   assert model.set_params(kernel_fn=kernel_fn, diag_reg=0.5) is model
   assert model.kernel_fn is kernel_fn and model.diag_reg == 0.5
@@ -339,7 +340,8 @@ def test_fallback_without_sklearn(monkeypatch):
   assert repr(model) == 'NTKRegressor(kernel_fn=ArcCosKernel(), diag_reg=0.001)'
   assert model.get_params() == {'batch_size': None, 'diag_reg': 1e-3,
                                 'diag_reg_absolute_scale': False,
-                                'kernel_fn': kernel_fn}
+                                'kernel_fn': kernel_fn, 'optimize': False,
+                                'builder': None, 'n_restarts': 2}
   with pytest.raises(module.NotFittedError):
     model.predict(x_test)
   model.fit(x, y)
