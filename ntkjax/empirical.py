@@ -304,12 +304,13 @@ def _jacobian(f, params, x, kwargs, vmap, batch_rows: bool = True):
 
 def _ntk_jacobian_contraction(f, params, x1, x2, kwargs, trace, diagonal,
                               ndim, vmap, group: bool = False):
-  if vmap is None and x2 is not None and not group:
-    groups = _leaf_groups(f, params, x2, kwargs)
+  if not group:
+    groups = _leaf_groups(f, params, x1 if x2 is None else x2, kwargs)
     if len(groups) > 1:
-      # J(x2) is materialized whole (a sum over the batch per entry): by
-      # groups of parameter leaves it peaks at one group's. The backward
-      # passes repeat only the propagation above each group's layers.
+      # J(x2) is materialized whole (a sum over the batch per entry, or
+      # every example's with vmap): by groups of parameter leaves it peaks
+      # at one group's. The passes repeat only the propagation above each
+      # group's layers (without vmap) or one example's (with it).
       leaves, treedef = jax.tree.flatten(params)
       total = jnp.zeros((), jnp.result_type(*leaves))
       for group in groups:
