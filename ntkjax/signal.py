@@ -343,8 +343,31 @@ def _chi1_point(moments, w_std, b_std, q0: float):
   return w2 * moments(q, 1.).slopes
 
 
+def _critical_at_zero_bias(moments):
+  """(applies, W_c) at b_std = 0 when q = 0 is a fixed point of Q.
+
+  If phi(0) = 0, then with no bias Q(q) ~ W_std^2 S0 q as q -> 0, where S0 =
+  lim E[phi'(sqrt(q) z)^2] = phi'(0)^2 (1/2 for ReLU, its one-sided mean).
+  Below W_c = 1 / sqrt(S0) the variance decays to q* = 0, where chi1 =
+  W_std^2 S0 < 1; at W_c q* leaves 0 and chi1 = 1. So W_c is exact there:
+  1 for tanh (Glorot & Bengio 2010), sqrt(pi) / 2 for erf, sqrt(2) for
+  ReLU. The bisection cannot find it as precisely: above W_c, chi1 - 1 is
+  of second order in q* ~ W_std - W_c, so a quadrature error eps moves
+  its root by ~sqrt(eps) (2e-4 for tanh and erf).
+  """
+  at_zero = moments(_Q_MIN, 1.)
+  s0 = at_zero.slopes
+  # phi(0) = 0 <=> E[phi(sqrt(q) z)^2] = O(q): S0 q to first order.
+  applies = (s0 > 0) & (at_zero.second <= 2 * s0 * _Q_MIN)
+  return applies, 1. / jnp.sqrt(jnp.where(s0 > 0, s0, 1.))
+
+
 def _critical_point(moments, b_std, q0: float):
-  """Smallest W_std in [1e-2, 1e3] with chi1 >= 1 (NaN if none)."""
+  """Smallest W_std in [1e-2, 1e3] with chi1 >= 1 (NaN if none); at
+  b_std = 0 with phi(0) = 0, the exact 1 / sqrt(S0)
+  (`_critical_at_zero_bias`)."""
+  applies, exact = _critical_at_zero_bias(moments)
+  applies = applies & (b_std == 0) & (exact >= _W_MIN) & (exact <= _W_MAX)
   log_w = jnp.linspace(np.log(_W_MIN), np.log(_W_MAX), _W_POINTS)
   chi1_at = lambda s: _chi1_point(moments, jnp.exp(s), b_std, q0)
   below = jax.vmap(chi1_at)(log_w) < 1
@@ -353,7 +376,7 @@ def _critical_point(moments, b_std, q0: float):
   first = jnp.clip(first, 1, _W_POINTS - 1)
   # 1 - chi1 is > 0 at the lower end of the bracket and <= 0 at the upper.
   log_root = _bisect(lambda s: 1. - chi1_at(s), log_w[first - 1], log_w[first])
-  return jnp.where(found, jnp.exp(log_root), jnp.nan)
+  return jnp.where(applies, exact, jnp.where(found, jnp.exp(log_root), jnp.nan))
 
 
 @functools.lru_cache(maxsize=64)
@@ -551,10 +574,10 @@ def critical_W_std(activation: Activation, b_std=0., q0: float = 1.):
 
   The smallest W_std in [1e-2, 1e3] with chi1 >= 1: a log grid brackets it,
   then 64 bisections in log W_std. Where chi1 crosses 1 transversally the
-  result is exact to ~1e-15; where it only touches 1 to second order
-  (b_std = 0 with an odd phi such as tanh or erf: q* = 0 below W_c, and
-  chi1 - 1 ~ q*^2 ~ (W_std - W_c)^2 above), float64 cannot tell chi1 from
-  1 within ~1e-8 of W_c, which bounds the precision. Known values: ReLU
+  result is exact to ~1e-15. At b_std = 0 with phi(0) = 0 (tanh, erf,
+  ReLU, ...) chi1 only touches 1 to second order above W_c, so there the
+  limit q* -> 0 is used instead: W_c = 1 / sqrt(lim E[phi'(sqrt(q) z)^2]) =
+  1 / |phi'(0)|, exact. Known values: ReLU
   sqrt(2) (He et al. 2015;
   chi1 = W_std^2 / 2 for any b_std), tanh at b_std = 0: 1 (Glorot & Bengio
   2010), tanh at b_std^2 = 0.05: W_std^2 ~ 1.76 (Schoenholz et al. 2017).

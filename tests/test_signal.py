@@ -6,6 +6,7 @@ checked against an independent numpy Gauss-Hermite computation.
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -44,6 +45,27 @@ def test_erf_critical_point():
   # rounding: chi1(W_c) = 1.
   w_c = signal.critical_W_std(ERF, 0.3)
   assert abs(float(signal.chi1(ERF, w_c, 0.3)) - 1) < 1e-13
+
+
+def test_critical_point_at_zero_bias_is_exact_in_float32_too():
+  # At b = 0 with phi(0) = 0, q* = 0 below W_c and chi1 = W^2 phi'(0)^2
+  # there, so W_c = 1 / |phi'(0)|: tanh 1 (Glorot & Bengio 2010), erf
+  # sqrt(pi) / 2, ReLU sqrt(2) (its E[phi'^2] = 1/2 at every variance), sin
+  # 1 (a callable: quadrature). Bisecting chi1 - 1, which is of second order
+  # in W - W_c, was 2e-4 off in float32.
+  expected = [(TANH, 1.), (ERF, math.sqrt(math.pi) / 2),
+              (RELU, math.sqrt(2)), (jnp.sin, 1.)]
+  for activation, w_c in expected:
+    assert abs(signal.critical_W_std(activation, 0.) - w_c) < 1e-12
+  with jax.enable_x64(False):
+    for activation, w_c in expected:
+      assert abs(signal.critical_W_std(activation, 0.) - w_c) < 1e-6
+  # phi(0) != 0: q = 0 is no fixed point, the crossing is transversal and
+  # the bisection's root is where chi1 = 1.
+  shifted = lambda x: jnp.tanh(x) + 0.5
+  w_c = signal.critical_W_std(shifted, 0.)
+  assert abs(w_c - 1.) > 1e-3
+  assert abs(float(signal.chi1(shifted, w_c, 0.)) - 1) < 1e-10
 
 
 def _tanh_critical_gauss_hermite(b_std):
