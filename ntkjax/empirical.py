@@ -163,12 +163,18 @@ def _trace_size(shape, trace) -> int:
 def _call(f, params, x, kwargs, who):
   """f(params, x) with a clear error when params or x do not fit f."""
   try:
-    return f(params, x, **kwargs)
+    out = f(params, x, **kwargs)
   except (TypeError, ValueError) as error:
     raise ValueError(f'{who}: calling f(params, x) on x of shape '
                      f'{jnp.shape(x)} failed ({error}); check that params '
                      'come from the same model and x has the shape f '
                      'expects.') from error
+  if not hasattr(out, 'ndim') or not hasattr(out, 'shape'):
+    raise TypeError(
+        f'{who}: f(params, x) returned {type(out).__name__}, not one array; '
+        'empirical kernels need a single output array. Select or join the '
+        'outputs, e.g. lambda p, x: f(p, x)[0] or jnp.concatenate(...).')
+  return out
 
 
 # ----------------------------------------------------------------------------

@@ -283,9 +283,17 @@ def FanInConcat(axis: int = -1) -> Layer:
   """Concatenates the branches along `axis` (the channel axis for kernels)."""
   name = f'FanInConcat(axis={axis})'
 
+  def checked_axis(ndim: int) -> int:
+    # axis % ndim would wrap an out-of-range axis onto a real one.
+    if not -ndim <= axis < ndim:
+      raise ValueError(f'{name}: axis={axis} is out of range for {ndim}-d '
+                       f'features; use an axis in [-{ndim}, {ndim}) (-1, the '
+                       'channel axis, for kernels).')
+    return axis % ndim
+
   def init_fn(key, shapes):
     ndim = len(shapes[0])
-    ax = axis % ndim
+    ax = checked_axis(ndim)
     rest = [tuple(s[:ax]) + tuple(s[ax + 1:]) for s in shapes]
     _check_same_input_shapes(rest, name)
     size = sum(s[ax] for s in shapes)
@@ -297,7 +305,7 @@ def FanInConcat(axis: int = -1) -> Layer:
   def kernel_map(ks):
     ks = branch_kernels(ks, name)
     ndim = len(ks[0].shape1)
-    if axis % ndim != ndim - 1:
+    if checked_axis(ndim) != ndim - 1:
       raise KernelError(
           f'{name}: kernels support concatenation along the channel axis '
           f'(axis=-1) only; axis={axis} concatenates along the batch axis of '

@@ -37,6 +37,22 @@ from ntkjax.stax import dual, features
 from ntkjax.stax.layer import Layer, layer, single_kernel
 
 
+def _finite(layer_name: str, **values) -> list:
+  """The values as floats; a clear error if one is not a finite number
+  (a NaN or infinite parameter would give a NaN kernel much later)."""
+  out = []
+  for name, value in values.items():
+    try:
+      number = float(value)
+    except (TypeError, ValueError):
+      number = math.nan
+    if not math.isfinite(number):
+      raise ValueError(f'{layer_name}: {name}={value!r} must be a finite '
+                       'number.')
+    out.append(number)
+  return out
+
+
 def _activation_layer(act: dual.Activation) -> Layer:
   """A parameter-free layer applying `act` to every entry."""
   def kernel_map(k):
@@ -56,7 +72,7 @@ def ABRelu(a: float, b: float, do_stabilize: bool = False) -> Layer:
   computed from correlations and standard deviations, finite at any depth.
   """
   del do_stabilize
-  return _activation_layer(dual.ab_relu(float(a), float(b)))
+  return _activation_layer(dual.ab_relu(*_finite('ABRelu', a=a, b=b)))
 
 
 def Relu(do_stabilize: bool = False) -> Layer:
@@ -66,8 +82,9 @@ def Relu(do_stabilize: bool = False) -> Layer:
 
 def LeakyRelu(alpha: float, do_stabilize: bool = False) -> Layer:
   """phi(x) = alpha x for x < 0, x for x >= 0."""
+  (alpha,) = _finite('LeakyRelu', alpha=alpha)
   return _activation_layer(
-      _named(dual.ab_relu(float(alpha), 1.), f'LeakyRelu({alpha})'))
+      _named(dual.ab_relu(alpha, 1.), f'LeakyRelu({alpha})'))
 
 
 def Abs(do_stabilize: bool = False) -> Layer:
@@ -84,7 +101,7 @@ def _named(act: dual.Activation, name: str) -> dual.Activation:
 
 def Erf(a: float = 1., b: float = 1., c: float = 0.) -> Layer:
   """phi(x) = a erf(b x) + c (Williams 1997 arcsin kernel)."""
-  return _activation_layer(dual.erf(float(a), float(b), float(c)))
+  return _activation_layer(dual.erf(*_finite('Erf', a=a, b=b, c=c)))
 
 
 # Sigmoid_like matches the logistic sigmoid's slope at 0 with an erf.
@@ -130,13 +147,14 @@ def Gelu(approximate: bool = False) -> Layer:
 
 def Sin(a: float = 1., b: float = 1., c: float = 0.) -> Layer:
   """phi(x) = a sin(b x + c)."""
-  return _activation_layer(dual.sin(float(a), float(b), float(c)))
+  return _activation_layer(dual.sin(*_finite('Sin', a=a, b=b, c=c)))
 
 
 def Cos(a: float = 1., b: float = 1., c: float = 0.) -> Layer:
   """phi(x) = a cos(b x + c) = a sin(b x + c + pi/2)."""
+  a, b, c = _finite('Cos', a=a, b=b, c=c)
   return _activation_layer(_named(
-      dual.sin(float(a), float(b), float(c) + math.pi / 2),
+      dual.sin(a, b, c + math.pi / 2),
       f'Cos(a={a}, b={b}, c={c})'))
 
 
@@ -146,6 +164,7 @@ def Rbf(gamma: float = 1.) -> Layer:
   Random Fourier features: the NNGP is exp(-gamma (k11 + k22 - 2 k12)), the
   RBF kernel exp(-gamma |x - y|^2 / d) right after a Dense(W_std=1) layer.
   """
+  (gamma,) = _finite('Rbf', gamma=gamma)
   if gamma < 0:
     raise ValueError(f'Rbf: gamma={gamma} must be >= 0.')
   return _activation_layer(_named(
@@ -155,12 +174,12 @@ def Rbf(gamma: float = 1.) -> Layer:
 
 def Exp(a: float = 1., b: float = 1.) -> Layer:
   """phi(x) = a exp(b x)."""
-  return _activation_layer(dual.exp(float(a), float(b)))
+  return _activation_layer(dual.exp(*_finite('Exp', a=a, b=b)))
 
 
 def Gaussian(a: float = 1., b: float = -1.) -> Layer:
   """phi(x) = a exp(b x^2); needs 1 - 2 b k > 0 (always true for b <= 0)."""
-  return _activation_layer(dual.gaussian(float(a), float(b)))
+  return _activation_layer(dual.gaussian(*_finite('Gaussian', a=a, b=b)))
 
 
 def Sign() -> Layer:
@@ -188,6 +207,7 @@ def Polynomial(coef: Sequence[float]) -> Layer:
   coef = list(coef)
   if not coef:
     raise ValueError('Polynomial: coef must be a non-empty sequence.')
+  coef = _finite('Polynomial', **{f'coef[{i}]': c for i, c in enumerate(coef)})
   return _activation_layer(dual.polynomial(coef))
 
 
@@ -296,6 +316,7 @@ def Silu(deg: int = dual.DEFAULT_QUADRATURE_DEGREE) -> Layer:
 
 def Elu(alpha: float = 1., deg: int = dual.DEFAULT_QUADRATURE_DEGREE) -> Layer:
   """phi(x) = x (x > 0), alpha (exp(x) - 1) (x <= 0) (kernel by quadrature)."""
+  (alpha,) = _finite('Elu', alpha=alpha)
   return _quadrature_layer(f'Elu(alpha={alpha})',
                            lambda x: jax.nn.elu(x, alpha), deg)
 

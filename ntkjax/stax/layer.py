@@ -413,6 +413,11 @@ class KernelFn:
         raise ValueError('kernel_fn: pass x2=None and no pattern when x1 is a '
                          'Kernel (the Kernel carries its own).')
       return select(self.kernel_map(x1), get)
+    if diagonal_spatial is not None and not isinstance(diagonal_spatial,
+                                                       (bool, np.bool_)):
+      # bool('no') is True: a string or number would silently mean True.
+      raise TypeError(f'{self.name}.kernel_fn: diagonal_spatial must be True, '
+                      f'False or None, got {diagonal_spatial!r}.')
     x1, x2 = _canonical_inputs(x1, x2)
     pattern = _canonical_pattern(pattern, x1, x2)
     diagonal = self.input_diagonal(bool(diagonal_spatial))

@@ -1,0 +1,96 @@
+"""A catalogue of bad input: each entry is a call a user might make, the
+error class it must raise and words the message must contain (the argument
+or layer, and what is wrong). Issue 17 asks for one catalogue across the
+public API; entries are added here whenever an argument is added or a silent
+wrong answer is found. (Other modules' own checks live in their test files:
+test_hyper.py, test_estimators*.py, test_predict.py, test_signal.py, ...)"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ntkjax
+from ntkjax import stax
+
+NAN, INF = float('nan'), float('inf')
+X = jnp.ones((3, 4))
+
+
+def _concat_kernel(axis):
+  _, _, kernel_fn = stax.serial(
+      stax.FanOut(2), stax.parallel(stax.Dense(3), stax.Dense(3)),
+      stax.FanInConcat(axis=axis))
+  return kernel_fn(X, None, 'nngp')
+
+
+def _concat_init(axis):
+  init_fn, _, _ = stax.serial(
+      stax.FanOut(2), stax.parallel(stax.Dense(3), stax.Dense(3)),
+      stax.FanInConcat(axis=axis))
+  return init_fn(jax.random.PRNGKey(0), X.shape)
+
+
+def _empirical(kind):
+  f = lambda p, x: (x @ p, x @ p)        # two outputs
+  fn = (ntkjax.empirical_ntk_fn if kind == 'ntk' else
+        ntkjax.empirical_nngp_fn)(f)
+  return fn(X, X, jnp.ones((4, 2)))
+
+
+CATALOGUE = {
+    # Activation constructors: a NaN/inf parameter would give a NaN kernel.
+    'Erf(b=nan)': (lambda: stax.Erf(b=NAN), ValueError, 'Erf: b=nan'),
+    'Erf(a=inf)': (lambda: stax.Erf(a=INF), ValueError, 'Erf: a=inf'),
+    'LeakyRelu(nan)': (lambda: stax.LeakyRelu(NAN), ValueError,
+                       'LeakyRelu: alpha=nan'),
+    'ABRelu(1, inf)': (lambda: stax.ABRelu(1., INF), ValueError,
+                       'ABRelu: b=inf'),
+    'Sin(c=nan)': (lambda: stax.Sin(c=NAN), ValueError, 'Sin: c=nan'),
+    'Cos(b=inf)': (lambda: stax.Cos(b=INF), ValueError, 'Cos: b=inf'),
+    'Exp(a=nan)': (lambda: stax.Exp(a=NAN), ValueError, 'Exp: a=nan'),
+    'Gaussian(b=nan)': (lambda: stax.Gaussian(b=NAN), ValueError,
+                        'Gaussian: b=nan'),
+    'Rbf(gamma=nan)': (lambda: stax.Rbf(NAN), ValueError, 'Rbf: gamma=nan'),
+    'Polynomial([1, nan])': (lambda: stax.Polynomial([1., NAN]), ValueError,
+                             r'Polynomial: coef\[1\]=nan'),
+    'Elu(alpha=nan)': (lambda: stax.Elu(alpha=NAN), ValueError,
+                       'Elu: alpha=nan'),
+    'Erf(b="x")': (lambda: stax.Erf(b='x'), ValueError, "Erf: b='x'"),
+    'Dense(W_std=nan)': (lambda: stax.Dense(3, W_std=NAN), ValueError,
+                         'W_std=nan must be a finite number'),
+    # Combinators: an out-of-range axis used to wrap onto the channel axis.
+    'FanInConcat(axis=5) kernel': (lambda: _concat_kernel(5), ValueError,
+                                   'axis=5 is out of range for 2-d'),
+    'FanInConcat(axis=-3) init': (lambda: _concat_init(-3), ValueError,
+                                  'axis=-3 is out of range'),
+    # kernel_fn keyword arguments: bool('no') is True.
+    "diagonal_spatial='no'": (
+        lambda: stax.Dense(1)[2](X, None, 'nngp', diagonal_spatial='no'),
+        TypeError, 'diagonal_spatial must be True, False or None'),
+    # Empirical kernels of a function with several outputs.
+    'empirical_ntk_fn(f -> tuple)': (lambda: _empirical('ntk'), TypeError,
+                                     'returned tuple, not one array'),
+    'empirical_nngp_fn(f -> tuple)': (lambda: _empirical('nngp'), TypeError,
+                                      'returned tuple, not one array'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(CATALOGUE))
+def test_bad_input_raises_a_clear_error(name):
+  call, error, words = CATALOGUE[name]
+  with pytest.raises(error, match=words):
+    call()
+
+
+def test_the_fixed_cases_still_accept_good_input():
+  """The checks reject only bad input: the same calls with good values run
+  and give finite kernels."""
+  for layer in (stax.Erf(b=2.), stax.LeakyRelu(0.1), stax.ABRelu(-0.5, 1.),
+                stax.Sin(c=0.3), stax.Polynomial([1., 0.5]), stax.Elu(0.5)):
+    k = stax.serial(stax.Dense(8), layer, stax.Dense(1))[2](X, None, 'nngp')
+    assert np.all(np.isfinite(k))
+  assert _concat_kernel(-1).shape == (3, 3)
+  assert _concat_init(1)[0] == (3, 6)
+  k = stax.Dense(1)[2](X, None, 'nngp', diagonal_spatial=np.bool_(False))
+  assert np.all(np.isfinite(k))
