@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 
+from ntkjax import _predict_checks as checks
 from ntkjax import _predict_iterative as iterative_predict
 from ntkjax import ode, solvers
 
@@ -335,12 +336,6 @@ def _free_memory() -> float:
     return math.inf
 
 
-def _check_nonnegative(who: str, **values):
-  for name, value in values.items():
-    if value is not None and not float(value) >= 0:
-      raise ValueError(f'{who}: {name} must be >= 0, got {value}.')
-
-
 # ----------------------------------------------------------------------------
 # Gradient descent on MSE, in closed form.
 
@@ -377,12 +372,14 @@ def gradient_descent_mse(k_train_train, y_train, learning_rate: float = 1.,
     the zipped layout between test and train outputs.
   """
   who = 'gradient_descent_mse'
-  _check_nonnegative(who, learning_rate=learning_rate, diag_reg=diag_reg)
+  checks.check_nonnegative(who, learning_rate=learning_rate, diag_reg=diag_reg)
   layout = _Layout(y_train, trace_axes, who)
   y_train = jnp.asarray(y_train)
   k, kept = layout.kernel_to_matrix(_field(k_train_train, 'ntk', who),
                                     'k_train_train',
                                     rows=layout.train_rows)
+  checks.check_kernel(k, 'k_train_train', who)
+  checks.check_targets(y_train, who)
   iterative = _iterative(solver, k, who)
   if iterative is not None:
     return iterative_predict.gradient_descent_mse(
@@ -398,6 +395,7 @@ def gradient_descent_mse(k_train_train, y_train, learning_rate: float = 1.,
       lambda k: jnp.full_like(k, jnp.nan))   # 'eigh': the min-norm path
 
   def predict_fn(t=None, fx_train_0=0., fx_test_0=None, k_test_train=None):
+    checks.check_times(t, who)
     if fx_test_0 is not None and k_test_train is None:
       raise ValueError(f'{who}: fx_test_0 was given without k_test_train; '
                        'pass the test-train kernel too.')
@@ -502,10 +500,11 @@ def gp_inference(k_train_train, y_train, diag_reg: float = 0.,
     means predictions on the training set, `N(y_train, 0)`.
   """
   who = 'gp_inference'
-  _check_nonnegative(who, diag_reg=diag_reg)
+  checks.check_nonnegative(who, diag_reg=diag_reg)
   _checked_solver(solver, who)
   layout = _Layout(y_train, trace_axes, who)
   y_train = jnp.asarray(y_train)
+  checks.check_targets(y_train, who)
   solves, matrices = {}, {}
 
   def matrix(name):
@@ -514,6 +513,7 @@ def gp_inference(k_train_train, y_train, diag_reg: float = 0.,
       k, _ = layout.kernel_to_matrix(_field(k_train_train, name, who),
                                      f'k_train_train.{name}',
                                      rows=layout.train_rows)
+      checks.check_kernel(k, f'k_train_train.{name}', who)
       settings = _iterative(solver, k, who)
       if settings is None:
         matrices[name] = k
@@ -598,10 +598,11 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train,
     array of times (prepended), None for t -> inf.
   """
   who = 'gradient_descent_mse_ensemble'
-  _check_nonnegative(who, learning_rate=learning_rate, diag_reg=diag_reg)
+  checks.check_nonnegative(who, learning_rate=learning_rate, diag_reg=diag_reg)
   _checked_solver(solver, who)
   layout = _Layout(y_train, trace_axes, who)
   y_train = jnp.asarray(y_train)
+  checks.check_targets(y_train, who)
   size = y_train.size
   cache = {}
 
@@ -614,6 +615,7 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train,
         mats[name], _ = layout.kernel_to_matrix(getattr(both, name),
                                                 f'kernel_fn(x_train).{name}',
                                                 rows=layout.train_rows)
+        checks.check_kernel(mats[name], f'kernel_fn(x_train).{name}', who)
       cache['kernels'] = mats
     return cache['kernels']
 
@@ -633,6 +635,7 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train,
 
   def predict_fn(t=None, x_test=None, get=None, compute_cov: bool = False,
                  **kernel_fn_test_test_kwargs):
+    checks.check_times(t, who)
     gets = _gets(get)
     if 'ntkgp' in gets:
       raise ValueError(f"{who}: get='ntkgp' is not a training dynamics; use "

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import ntkjax
-from ntkjax import stax
+from ntkjax import predict, solvers, stax
 
 NAN, INF = float('nan'), float('inf')
 X = jnp.ones((3, 4))
@@ -36,6 +36,23 @@ def _empirical(kind):
   fn = (ntkjax.empirical_ntk_fn if kind == 'ntk' else
         ntkjax.empirical_nngp_fn)(f)
   return fn(X, X, jnp.ones((4, 2)))
+
+
+K, Y = np.eye(3) + 0.5, np.ones((3, 1))
+
+
+def _with(k=None, y=None, t=1., fn='gd'):
+  k = K if k is None else k
+  y = Y if y is None else y
+  if fn == 'gp':
+    return predict.gp_inference(k, y)('nngp', K)
+  return predict.gradient_descent_mse(k, y)(t)
+
+
+def _entry(k, i, j, value):
+  k = k.copy()
+  k[i, j] = value
+  return k
 
 
 CATALOGUE = {
@@ -73,6 +90,30 @@ CATALOGUE = {
                                      'returned tuple, not one array'),
     'empirical_nngp_fn(f -> tuple)': (lambda: _empirical('nngp'), TypeError,
                                       'returned tuple, not one array'),
+    # predict: these returned confident numbers (zeros, -0.4) or NaN.
+    'gradient_descent_mse t=-1': (lambda: _with(t=-1.), ValueError,
+                                  'gradient_descent_mse: t=-1.0 must be >= 0'),
+    'gradient_descent_mse t=nan': (lambda: _with(t=NAN), ValueError,
+                                   'must be >= 0'),
+    'gradient_descent_mse NaN kernel': (
+        lambda: _with(k=_entry(K, 0, 0, NAN)), ValueError,
+        'k_train_train has NaN'),
+    'gradient_descent_mse NaN targets': (
+        lambda: _with(y=np.full((3, 1), NAN)), ValueError, 'y_train has NaN'),
+    'gradient_descent_mse non-symmetric kernel': (
+        lambda: _with(k=_entry(K, 0, 1, 5.)), ValueError, 'not symmetric'),
+    'gradient_descent_mse negative-definite kernel': (
+        lambda: _with(k=-K), solvers.NotPositiveDefiniteError,
+        'negative diagonal entry'),
+    'gp_inference negative-definite kernel': (
+        lambda: _with(k=-K, fn='gp'), solvers.NotPositiveDefiniteError,
+        'k_train_train.nngp has a negative diagonal'),
+    'gp_inference NaN targets': (
+        lambda: _with(y=np.full((3, 1), NAN), fn='gp'), ValueError,
+        'gp_inference: y_train has NaN'),
+    'gradient_descent_mse learning_rate=-1': (
+        lambda: predict.gradient_descent_mse(K, Y, learning_rate=-1.),
+        ValueError, 'learning_rate must be >= 0'),
 }
 
 
@@ -94,3 +135,7 @@ def test_the_fixed_cases_still_accept_good_input():
   assert _concat_init(1)[0] == (3, 6)
   k = stax.Dense(1)[2](X, None, 'nngp', diagonal_spatial=np.bool_(False))
   assert np.all(np.isfinite(k))
+  # A float32 kernel symmetric only to rounding is accepted.
+  rounded = (K + 1e-7 * np.triu(np.ones((3, 3)), 1)).astype(np.float32)
+  assert np.all(np.isfinite(_with(k=rounded)))
+  assert np.all(np.isfinite(_with(t=0.)))
