@@ -193,6 +193,30 @@ def test_bad_data_exits_with_a_clear_message(tmp_path, capsys, arrays,
   assert 'Traceback' not in err
 
 
+def test_labels_are_mapped_to_their_classes(tmp_path):
+  """Classes are the distinct labels: 0/5/2000/4000 are 4 classes (max + 1
+  made 4001 outputs)."""
+  rng = np.random.default_rng(4)
+  labels = np.array([0, 2000, 4000, 5] * 3)
+  path = _npz(tmp_path, x_train=rng.normal(size=(12, 5)), y_train=labels,
+              x_test=rng.normal(size=(4, 5)),
+              y_test=np.array([4000, 5, 0, 2000]))
+  ds = data.load(path)
+  assert ds.n_outputs == 4
+  # Sorted distinct labels 0, 5, 2000, 4000 -> classes 0..3.
+  np.testing.assert_array_equal(ds.labels_test, [3, 1, 0, 2])
+  np.testing.assert_array_equal(np.argmax(ds.y_train, 1),
+                                np.searchsorted([0, 5, 2000, 4000], labels))
+
+
+def test_unwritable_out_fails_before_any_work(tmp_path, capsys):
+  blocker = tmp_path / 'file'
+  blocker.write_text('a file, not a folder')
+  assert main(['compare', '--quick', '--out', str(blocker / 'out')]) == 1
+  err = capsys.readouterr().err
+  assert 'cannot write to --out' in err and 'Traceback' not in err
+
+
 def test_unreadable_or_missing_data_file(tmp_path, capsys):
   assert main(['compare', '--data', str(tmp_path / 'none.npz')]) == 1
   assert 'no such file' in capsys.readouterr().err

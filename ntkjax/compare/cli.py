@@ -150,6 +150,15 @@ def config_from_args(args):
       records=pick('records'), images=args.images, center=args.center)
 
 
+def _writable(path: str) -> bool:
+  """Whether `path` is, or can be created as, a folder we may write in
+  (checked on its nearest existing ancestor; nothing is created)."""
+  probe = os.path.abspath(path)
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  return os.path.isdir(probe) and os.access(probe, os.W_OK | os.X_OK)
+
+
 def main(args) -> int:
   """Runs `ntkjax compare` for parsed flags; returns the exit code."""
   from ntkjax import compare
@@ -158,6 +167,11 @@ def main(args) -> int:
   if os.path.exists(config.out) and not os.path.isdir(config.out):
     print(f'ntkjax compare: error: --out {config.out} exists and is not a '
           'folder.', file=sys.stderr)
+    return 1
+  if not _writable(config.out):
+    # Fail now, not after an hour of kernels.
+    print(f'ntkjax compare: error: cannot write to --out {config.out}; '
+          'choose a writable folder.', file=sys.stderr)
     return 1
   if len(config.widths) < 2:
     print('ntkjax compare: note: with one width no slope can be fitted.',

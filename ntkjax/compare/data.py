@@ -245,12 +245,18 @@ def prepare(arrays: dict, source: str, name: str,
   steps = ['inputs standardized per feature (train mean and std)',
            'each example scaled to norm sqrt(d)']
   if y_train.ndim == 1 and _is_integral(y_train) and _is_integral(y_test):
-    labels_train = y_train.astype(np.int64)
-    labels_test = y_test.astype(np.int64)
-    classes = int(max(labels_train.max(), labels_test.max())) + 1
+    # Classes are the distinct labels (train and test), in order:
+    # max(label) + 1 made labels 0/2000/4000 into 4001 outputs.
+    values = np.unique(np.concatenate([y_train, y_test]).astype(np.int64))
+    classes = len(values)
     if classes < 2:
       raise DataError(f'{source}: the labels have a single class; nothing to '
                       'classify.')
+    labels_train = np.searchsorted(values, y_train.astype(np.int64))
+    labels_test = np.searchsorted(values, y_test.astype(np.int64))
+    if values[0] != 0 or values[-1] != classes - 1:
+      steps.append(f'labels {values[:3].tolist()}... mapped to classes '
+                   f'0..{classes - 1}')
     eye = np.eye(classes, dtype=np.float32) - np.float32(1. / classes)
     y_train, y_test = eye[labels_train], eye[labels_test]
     steps.append(f'labels one-hot over {classes} classes, centered '
