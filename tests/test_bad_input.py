@@ -41,6 +41,14 @@ def _empirical(kind):
 K, Y = np.eye(3) + 0.5, np.ones((3, 1))
 
 
+def _apply_with(params_of):
+  """Apply a net ending in Dense(1) with the params `params_of` gives."""
+  init_3, _, _ = stax.serial(stax.Dense(3), stax.Relu(), stax.Dense(3))
+  _, apply_1, _ = stax.serial(stax.Dense(3), stax.Relu(), stax.Dense(1))
+  _, params = init_3(jax.random.PRNGKey(0), X.shape)
+  return apply_1(params_of(params), X)
+
+
 def _with(k=None, y=None, t=1., fn='gd'):
   k = K if k is None else k
   y = Y if y is None else y
@@ -90,6 +98,17 @@ CATALOGUE = {
                                      'returned tuple, not one array'),
     'empirical_nngp_fn(f -> tuple)': (lambda: _empirical('nngp'), TypeError,
                                       'returned tuple, not one array'),
+    # apply_fn with another network's params: a (3, 3) output from a net
+    # ending in Dense(1), or params=[] returning the input.
+    "apply_fn(another net's params)": (
+        lambda: _apply_with(lambda p: p), ValueError,
+        r'Dense\(1\): the weights have 3 outputs, not 1'),
+    'apply_fn(params=[])': (lambda: _apply_with(lambda p: []), ValueError,
+                            'params has 0 entries but this network has 3'),
+    'apply_fn(params[:2])': (lambda: _apply_with(lambda p: p[:2]), ValueError,
+                             'params has 2 entries'),
+    'apply_fn(params=None)': (lambda: _apply_with(lambda p: None), ValueError,
+                              'params has NoneType'),
     # predict: these returned confident numbers (zeros, -0.4) or NaN.
     'gradient_descent_mse t=-1': (lambda: _with(t=-1.), ValueError,
                                   'gradient_descent_mse: t=-1.0 must be >= 0'),

@@ -23,6 +23,17 @@ def _layer_name(a_layer) -> str:
   return getattr(a_layer[2], 'name', repr(a_layer[2]))
 
 
+def _check_params_count(params, n_layers: int, who: str):
+  """params holds one entry per layer: zip() would silently skip layers
+  (params=[] returned the input unchanged)."""
+  if not isinstance(params, (tuple, list)) or len(params) != n_layers:
+    got = (f'{len(params)} entries' if isinstance(params, (tuple, list))
+           else type(params).__name__)
+    raise ValueError(
+        f'{who}.apply_fn: params has {got} but this network has {n_layers} '
+        "layers here; pass the params returned by this network's init_fn.")
+
+
 def serial(*layers: Layer) -> Layer:
   """Layers applied one after another.
 
@@ -53,6 +64,7 @@ def serial(*layers: Layer) -> Layer:
     key = rng if key is None else key  # `rng`: neural-tangents' name
     keys = ([None] * len(layers) if key is None
             else list(jax.random.split(key, max(len(layers), 1))))
+    _check_params_count(params, len(layers), 'serial')
     outermost = mask_constant is not None
     if outermost:
       x, mask = mask_of(x, mask_constant)
@@ -121,6 +133,7 @@ def parallel(*layers: Layer) -> Layer:
   def apply_fn(params, xs, *, key=None, rng=None, mask=None, **kwargs):
     key = rng if key is None else key  # `rng`: neural-tangents' name
     check(xs, 'inputs')
+    _check_params_count(params, len(layers), 'parallel')
     keys = ([None] * len(layers) if key is None
             else list(jax.random.split(key, len(layers))))
     if mask is None:

@@ -70,6 +70,10 @@ def Dense(out_dim: int, W_std=1., b_std=None, batch_axis: int = 0,
       raise ValueError(f'{name}: input has {x.shape[-1]} features but the '
                        f'parameters were initialized for {w.shape[0]}; call '
                        'init_fn with the input shape you apply to.')
+    if w.shape[-1] != out_dim:
+      raise ValueError(f'{name}: the weights have {w.shape[-1]} outputs, not '
+                       f'{out_dim}: params of another network? Pass the '
+                       "params returned by this network's init_fn.")
     if parameterization == 'ntk':
       y = (W_std / jnp.sqrt(x.shape[-1])) * (x @ w)
       return y if b is None else y + b_std * b
