@@ -82,6 +82,11 @@ CATALOGUE = {
     'Elu(alpha=nan)': (lambda: stax.Elu(alpha=NAN), ValueError,
                        'Elu: alpha=nan'),
     'Erf(b="x")': (lambda: stax.Erf(b='x'), ValueError, "Erf: b='x'"),
+    'ElementwiseNumerical(deg=600)': (
+        lambda: stax.ElementwiseNumerical(jnp.tanh, 600), ValueError,
+        r'deg=600 must be an int in \[1, 512\]'),
+    'Tanh(deg=2.5)': (lambda: stax.Tanh(deg=2.5), ValueError,
+                      r'Tanh\(\): deg=2.5 must be an int'),
     'Dense(W_std=nan)': (lambda: stax.Dense(3, W_std=NAN), ValueError,
                          'W_std=nan must be a finite number'),
     # Combinators: an out-of-range axis used to wrap onto the channel axis.

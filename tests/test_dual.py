@@ -247,7 +247,7 @@ def test_polynomial_mixed_moments_by_sampling():
     assert abs(sample.mean() - exact) < 5 * sample.std() / 1000, (i, j)
 
 
-@pytest.mark.parametrize('degree', [24, 64])
+@pytest.mark.parametrize('degree', [24, 64, 300, 512])
 @pytest.mark.parametrize('power', [0, 1])
 def test_half_range_rule_integrates_moments_exactly(degree, power):
   """A Gauss rule of `degree` nodes for the weight r^p exp(-r^2/2) on
@@ -260,6 +260,27 @@ def test_half_range_rule_integrates_moments_exactly(degree, power):
   for k in range(0, 31, 3):
     exact = 2**(k / 2) * gamma((k + power + 1) / 2) / gamma((power + 1) / 2)
     np.testing.assert_allclose(np.sum(weights * nodes**k), exact, rtol=1e-10)
+
+
+def test_high_degree_kernels_are_finite_and_converged():
+  """Degrees of ~300 and more returned NaN (the monic Stieltjes recurrence
+  overflowed); now a smooth activation's kernel at degrees 300 and 512
+  is finite and converged, and past the maximum the layer refuses."""
+  import jax.numpy as jnp
+  from ntkjax import stax
+  x = np.array([[1., 0.5], [0.2, -1.], [3., 2.]])
+  kernel = lambda deg: np.asarray(stax.serial(
+      stax.Dense(1, W_std=2.), stax.ElementwiseNumerical(jnp.tanh, deg),
+      stax.Dense(1))[2](x, None, 'ntk'))
+  # Variances up to ~26 here: degree 64 is converged to ~2e-7, 300 and
+  # 512 agree with each other to rounding.
+  high = kernel(512)
+  np.testing.assert_allclose(kernel(300), high, rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(kernel(64), high, rtol=1e-6)
+  with pytest.raises(ValueError, match=r'deg=513 must be an int in \[1, 512\]'):
+    stax.ElementwiseNumerical(jnp.tanh, 513)
+  with pytest.raises(ValueError, match='deg=1000'):
+    stax.Tanh(deg=1000)
 
 
 def test_relu_at_correlation_one_in_float32():

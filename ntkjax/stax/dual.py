@@ -191,6 +191,10 @@ class Activation:
 # eigenproblem: 4000 points took 6-20 s per process; 800 reproduce the rules
 # of degree <= 128 to ~1e-13 (tests/test_dual.py checks against moments).
 _DISCRETIZATION_POINTS = 800
+# Rules of degree n need the measure's moments to order 2n - 1: a rule
+# from 800 discrete points is exact to rounding up to degree ~500 (checked
+# against degree 64 in tests/test_dual.py); higher degrees are refused.
+MAX_QUADRATURE_DEGREE = 512
 
 
 @functools.lru_cache(maxsize=1)
@@ -211,17 +215,20 @@ def half_range_rule(degree: int, power: int):
   r = 7. * (x + 1.)
   w = 7. * w * r**power * np.exp(-r**2 / 2)
   w = w / w.sum()
-  alphas, betas = [], []
-  p_prev, p, norm_prev = np.zeros_like(r), np.ones_like(r), 1.
+  # Orthonormal polynomials (a Lanczos recurrence in the discrete inner
+  # product): the monic ones grow like 14^k and overflowed float64 near
+  # degree 300, which returned NaN kernels.
+  alphas, off = [], []
+  p_prev, p, b = np.zeros_like(r), np.ones_like(r), 0.
   for k in range(degree):
-    norm = np.sum(w * p * p)
-    alpha = np.sum(w * r * p * p) / norm
-    beta = norm / norm_prev if k else 0.
+    alpha = np.sum(w * r * p * p)
     alphas.append(alpha)
-    if k:
-      betas.append(beta)
-    p_prev, p, norm_prev = p, (r - alpha) * p - beta * p_prev, norm
-  off = np.sqrt(betas)
+    q = (r - alpha) * p - b * p_prev
+    b = np.sqrt(np.sum(w * q * q))
+    if k < degree - 1:
+      off.append(b)
+    p_prev, p = p, q / b
+  off = np.asarray(off)
   nodes, vectors = np.linalg.eigh(np.diag(alphas) + np.diag(off, 1)
                                   + np.diag(off, -1))
   return nodes, vectors[0]**2
@@ -576,5 +583,11 @@ def numerical(fn: Callable, name: str, degree: int = DEFAULT_QUADRATURE_DEGREE,
               nngp: Optional[Callable] = None,
               ntk_factor: Optional[Callable] = None) -> Activation:
   """Any scalar `fn`; expectations by quadrature unless `nngp` is given."""
+  if (isinstance(degree, bool) or not isinstance(degree, (int, np.integer))
+      or not 1 <= degree <= MAX_QUADRATURE_DEGREE):
+    raise ValueError(
+        f'{name}: deg={degree!r} must be an int in [1, '
+        f'{MAX_QUADRATURE_DEGREE}] (the radial rule comes from an '
+        f'{_DISCRETIZATION_POINTS}-point discretization).')
   return Activation(name=name, fn=fn, nngp=nngp, ntk_factor=ntk_factor,
                     degree=int(degree))
