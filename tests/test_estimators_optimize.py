@@ -3,7 +3,6 @@
 
 import pickle
 
-import jax
 import numpy as np
 import pytest
 
