@@ -406,3 +406,30 @@ def test_progress_without_a_terminal():
   # The opening line and the closing one; no line per item off a terminal.
   assert len(lines) == 2 and lines[-1].endswith('done')
   assert '100%' in lines[-1] and '\r' not in stream.getvalue()
+
+
+def test_progress_says_interrupted_or_failed():
+  """Ctrl-C or an error ends the bar as such, not as 'done'."""
+  for error, word in ((KeyboardInterrupt, 'interrupted'),
+                      (RuntimeError, 'failed')):
+    stream = io.StringIO()
+    with pytest.raises(error):
+      with Progress('work', 4, stream, interval=3600) as bar:
+        bar.advance(1, 'item')
+        raise error()
+    last = stream.getvalue().splitlines()[-1]
+    assert last.endswith(word) and 'done' not in last, last
+
+
+def test_rerun_removes_the_previous_report_only(tmp_path, capsys):
+  """A rerun into a folder with an old report removes that report (it
+  would sit beside new, maybe partial, results) and nothing else."""
+  out = tmp_path / 'out'
+  out.mkdir()
+  for name in ('report.html', 'metrics_vs_width.png', 'mine.txt'):
+    (out / name).write_text('old')
+  bad = _npz(tmp_path, x_train=np.ones((5, 2)), y_train=np.zeros(4),
+             x_test=np.ones((2, 2)), y_test=np.zeros(2))
+  assert main(['compare', '--data', bad, '--out', str(out)]) == 1
+  assert sorted(p.name for p in out.iterdir()) == ['mine.txt']
+  assert 'removed the previous report' in capsys.readouterr().err

@@ -173,6 +173,17 @@ def main(args) -> int:
     print(f'ntkjax compare: error: cannot write to --out {config.out}; '
           'choose a writable folder.', file=sys.stderr)
     return 1
+  stale = [os.path.join(config.out, name) for name in
+           ['report.html'] + [f'{plot}.png' for plot in report.PLOTS]]
+  stale = [path for path in stale if os.path.isfile(path)]
+  for path in stale:
+    # A previous run's report beside this run's (maybe partial) results
+    # would describe the wrong run.
+    os.remove(path)
+  if stale:
+    print(f'ntkjax compare: note: removed the previous report from '
+          f'{config.out}; results.json is rewritten after every width.',
+          file=sys.stderr)
   if len(config.widths) < 2:
     print('ntkjax compare: note: with one width no slope can be fitted.',
           file=sys.stderr)

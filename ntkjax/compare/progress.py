@@ -55,8 +55,10 @@ class Progress:
   def __enter__(self) -> 'Progress':
     return self
 
-  def __exit__(self, *exc) -> None:
-    self.close()
+  def __exit__(self, exc_type, *exc) -> None:
+    # An exception or Ctrl-C ends the bar as such, not as 'done'.
+    self.close('interrupted' if exc_type is KeyboardInterrupt else
+               'failed' if exc_type is not None else 'done')
 
   @property
   def elapsed(self) -> float:
@@ -68,11 +70,12 @@ class Progress:
     self.note = note
     self._draw()
 
-  def close(self) -> None:
-    """Ends the stage: a final line with the elapsed time."""
+  def close(self, outcome: str = 'done') -> None:
+    """Ends the stage: a final line with the elapsed time and `outcome`."""
     if self.closed:
       return
     self.closed = True
+    self.outcome = outcome
     self._draw(force=True, final=True)
 
   def _line(self, final: bool) -> str:
@@ -82,7 +85,7 @@ class Progress:
     text = (f'{self.label} [{bar}] {100 * fraction:3.0f}% '
             f'{format_seconds(self.elapsed)}')
     if final:
-      return text + ' done'
+      return f'{text} {getattr(self, "outcome", "done")}'
     if 0 < fraction < 1:
       remaining = self.elapsed * (1 - fraction) / fraction
       text += f', ~{format_seconds(remaining)} left'
