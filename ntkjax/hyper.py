@@ -357,9 +357,10 @@ class _Problem(NamedTuple):
 
 @functools.lru_cache(maxsize=16)
 def _step(builder: Callable, choice: tuple, get: str, absolute: bool,
-          bounds: tuple) -> Callable:
-  """The jitted L-BFGS step `(u, state, fixed, x, y) -> (u', state', value,
-  grad)` of -log p(y) / (N C) at u, for one builder and discrete choice.
+          bounds: tuple) -> tuple:
+  """(optimizer, step): the jitted L-BFGS step `(u, state, fixed, x, y) ->
+  (u', state', value, grad)` of -log p(y) / (N C) at u, for one builder
+  and discrete choice, and the optimizer whose state it advances.
 
   Cached (a bounded LRU) so that fits of the same builder -- restarts,
   cross-validation folds, refits -- compile once per shape. The data and
@@ -387,7 +388,7 @@ def _step(builder: Callable, choice: tuple, get: str, absolute: bool,
     updates, state = optimizer.update(grad, state, u, value=value, grad=grad,
                                       value_fn=value_fn)
     return optax.apply_updates(u, updates), state, value, grad
-  return step
+  return optimizer, step
 
 
 def _run(problem: _Problem, choice: dict, starts: list, steps: int,
@@ -396,10 +397,9 @@ def _run(problem: _Problem, choice: dict, starts: list, steps: int,
   key = (problem.builder, tuple(choice.items()), problem.get,
          problem.absolute, problem.bounds)
   try:
-    step = _step(*key)
+    optimizer, step = _step(*key)
   except TypeError:        # an unhashable builder or choice: no cache
-    step = _step.__wrapped__(*key)
-  optimizer = optax.lbfgs()
+    optimizer, step = _step.__wrapped__(*key)
   x, y = jnp.asarray(problem.x), jnp.asarray(problem.y)
   fixed = {name: jnp.asarray(v) for name, v in problem.fixed.items()}
   n_total = problem.y.size
@@ -542,7 +542,7 @@ def fit(builder: Callable, x_train, y_train, init: Mapping[str, Any], *,
     raise ValueError(f'{who}: fixed names {unknown} are not in init (or '
                      f"'{NOISE}'); known: {sorted(values)}.")
   bounds = dict(bounds or {})
-  maps, fitted_bounds = {}, []
+  fitted_bounds = []
   for name in values:
     if name in fixed:
       continue
@@ -555,19 +555,19 @@ def fit(builder: Callable, x_train, y_train, init: Mapping[str, Any], *,
       raise ValueError(f'{who}: init {name} = {values[name]} is outside its '
                        f'bounds ({low:g}, {high:g}); pass bounds={{{name!r}: '
                        '(low, high)}.')
-    maps[name] = _Bounded((low, high))
     fitted_bounds.append((name, (float(low), float(high))))
   rng = np.random.default_rng(seed)
   with jax.enable_x64(True):
     x, y = _data(x_train, y_train, who)
     problem = _Problem(builder, x, y, get, bool(diag_reg_absolute_scale),
-                       {n: v for n, v in values.items() if n not in maps},
+                       {n: v for n, v in values.items() if n in fixed},
                        tuple(fitted_bounds))
     runs = []
     keys = list(choices)
     for combination in itertools.product(*(choices[k] for k in keys)):
       choice = dict(zip(keys, combination))
-      runs += _run(problem, choice, _starts(values, maps, restarts, rng),
+      runs += _run(problem, choice,
+                   _starts(values, problem.maps, restarts, rng),
                    steps, tol)
   usable = [r for r in runs if np.isfinite(r['log_marginal_likelihood'])]
   if not usable:
