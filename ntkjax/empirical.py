@@ -582,8 +582,14 @@ def ntk_implementation_costs(f: Callable, x1, x2, params,
   """AUTO's cost estimate of each implementation (smaller is cheaper).
 
   Args:
-    f, trace_axes, diagonal_axes, vmap_axes: as in `empirical_ntk_fn`.
-    x1, x2, params, kwargs: as in the call of the `ntk_fn` it returns.
+    f: as in `empirical_ntk_fn`.
+    x1: as in the call of the `ntk_fn` that `empirical_ntk_fn` returns.
+    x2: as in that call.
+    params: as in that call.
+    trace_axes: as in `empirical_ntk_fn`.
+    diagonal_axes: as in `empirical_ntk_fn`.
+    vmap_axes: as in `empirical_ntk_fn`.
+    **kwargs: as in that call.
 
   Returns:
     dict `NtkImplementation` -> flops + 8 x bytes accessed, from XLA's cost
@@ -694,8 +700,12 @@ def empirical_kernel_fn(f: Callable, trace_axes: Axes = (-1,),
   """Both empirical kernels: `kernel_fn(x1, x2, get, params, **kwargs)`.
 
   Args:
-    f, trace_axes, diagonal_axes, vmap_axes, implementation, precision: as
-      in `empirical_ntk_fn`.
+    f: as in `empirical_ntk_fn`.
+    trace_axes: as in `empirical_ntk_fn`.
+    diagonal_axes: as in `empirical_ntk_fn`.
+    vmap_axes: as in `empirical_ntk_fn`.
+    implementation: as in `empirical_ntk_fn`.
+    precision: as in `empirical_ntk_fn`.
 
   Returns:
     `kernel_fn(x1, x2, get, params, **kwargs)`: `get` is 'nngp', 'ntk', a

@@ -447,8 +447,10 @@ def output_label(f: Callable, params, x, kwargs: dict,
 
   Args:
     f: `f(params, x, **kwargs) -> array`.
-    params, x, kwargs: the call's arguments (arrays or ShapeDtypeStructs);
-      every leaf of `x` has the examples along axis 0.
+    params: the call's parameters (arrays or ShapeDtypeStructs).
+    x: the call's inputs (arrays or ShapeDtypeStructs); every leaf has the
+      examples along axis 0.
+    kwargs: the call's keyword arguments (arrays or ShapeDtypeStructs).
     batched_kwargs: names of array keyword arguments with the examples
       along axis 0; other array keyword arguments are shared.
 
@@ -493,7 +495,9 @@ def example_axes(f: Callable, params, x, kwargs: dict) -> Optional[tuple]:
 
   Args:
     f: `f(params, x, **kwargs) -> array`.
-    params, x, kwargs: the call's arguments.
+    params: the call's parameters.
+    x: the call's inputs.
+    kwargs: the call's keyword arguments.
 
   Returns:
     (0, out_axis, {kwarg: 0 or None}) when each example's output depends

@@ -380,7 +380,8 @@ def jacobian_norms(depths: Sequence[int], widths: Sequence[int], key,
   J u from `jax.jvp` of the finite network's `apply_fn`.
 
   Args:
-    depths, widths: configurations (zipped, same length).
+    depths: the configurations' depths (zipped with `widths`, same length).
+    widths: the configurations' widths.
     key: PRNG key.
     activation: 'linear' or 'relu'.
     n_seeds: initializations per configuration.
@@ -438,7 +439,8 @@ def ntk_diagonal_spread(depths: Sequence[int], widths: Sequence[int], key,
   |d f(x) / d params|^2 for one input x with |x|^2 = d.
 
   Args:
-    depths, widths: configurations (zipped).
+    depths: the configurations' depths (zipped with `widths`).
+    widths: the configurations' widths.
     key: PRNG key.
     n_seeds: initializations per configuration. The ratio's estimator is
       heavy-tailed (log Theta has variance ~ 5 L / n), so keep 5 L / n

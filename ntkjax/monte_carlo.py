@@ -55,16 +55,20 @@ def monte_carlo_kernel_fn(init_fn: Callable, apply_fn: Callable, key,
   """Kernels averaged over random initializations of a finite network.
 
   Args:
-    init_fn, apply_fn: the finite network (e.g. from `stax`).
+    init_fn: the finite network's initialization (e.g. from `stax`).
+    apply_fn: the finite network's forward pass.
     key: PRNG key; sample i uses `fold_in(key, i)`.
     n_samples: number of initializations, or an iterable of counts: then
       `kernel_fn` returns a generator of the running averages at those counts
       (in increasing order; later estimates reuse the earlier samples).
     batch_size: inputs per block of pairs (0: all at once); must divide the
       numbers of inputs.
-    device_count, store_on_device: accepted for compatibility; one device.
-    trace_axes, diagonal_axes, vmap_axes, implementation: as in
-      `ntkjax.empirical_ntk_fn`.
+    device_count: accepted for compatibility; one device.
+    store_on_device: accepted for compatibility.
+    trace_axes: as in `ntkjax.empirical_ntk_fn`.
+    diagonal_axes: as in `ntkjax.empirical_ntk_fn`.
+    vmap_axes: as in `ntkjax.empirical_ntk_fn`.
+    implementation: as in `ntkjax.empirical_ntk_fn`.
 
   Returns:
     `kernel_fn(x1, x2=None, get=None, **apply_fn_kwargs)`: a

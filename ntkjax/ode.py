@@ -76,7 +76,8 @@ def odeint(fn: Callable, y0, ts, rtol: float = 1e-8, atol: float = 1e-10,
     fn: `fn(y, t) -> dy/dt`, same pytree structure as y.
     y0: initial state (a pytree of arrays).
     ts: 1-d array of non-decreasing times; ts[0] is the initial time.
-    rtol, atol: relative and absolute error tolerances per step.
+    rtol: relative error tolerance per step.
+    atol: absolute error tolerance per step.
     max_steps: bound on accepted + rejected steps in total; if reached the
       remaining outputs are NaN (never silently wrong).
 

@@ -489,9 +489,11 @@ def gp_inference(k_train_train, y_train, diag_reg: float = 0.,
     k_train_train: train-train kernel(s): an array, or an object with the
       `.nngp` / `.ntk` fields the requested `get` needs.
     y_train: targets (N, *rest).
-    diag_reg, diag_reg_absolute_scale, trace_axes, solver: as in
-      `gradient_descent_mse` (with 'cg', covariances solve one system per
-      test point: at most `iterative_predict.MAX_COV_ROWS`).
+    diag_reg: as in `gradient_descent_mse`.
+    diag_reg_absolute_scale: as in `gradient_descent_mse`.
+    trace_axes: as in `gradient_descent_mse`.
+    solver: as in `gradient_descent_mse` (with 'cg', covariances solve one
+      system per test point: at most `iterative_predict.MAX_COV_ROWS`).
 
   Returns:
     `predict_fn(get=None, k_test_train=None, k_test_test=None)`: for each
@@ -584,10 +586,14 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train,
 
   Args:
     kernel_fn: `kernel_fn(x1, x2, get, **kwargs)` of the architecture.
-    x_train, y_train: training set.
-    learning_rate, diag_reg, diag_reg_absolute_scale, trace_axes, solver:
-      as in `gradient_descent_mse` (with 'cg', `compute_cov` solves one
-      system per test point: at most `iterative_predict.MAX_COV_ROWS`).
+    x_train: training inputs.
+    y_train: training targets.
+    learning_rate: as in `gradient_descent_mse`.
+    diag_reg: as in `gradient_descent_mse`.
+    diag_reg_absolute_scale: as in `gradient_descent_mse`.
+    trace_axes: as in `gradient_descent_mse`.
+    solver: as in `gradient_descent_mse` (with 'cg', `compute_cov` solves
+      one system per test point: at most `iterative_predict.MAX_COV_ROWS`).
     **kernel_fn_train_train_kwargs: passed to `kernel_fn` on the train set.
 
   Returns:

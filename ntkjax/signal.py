@@ -435,7 +435,8 @@ def q_map(activation: Activation, q, W_std=1., b_std=0.):
   Args:
     activation: an elementwise stax layer or a scalar callable phi.
     q: input variance(s) (>= 0), broadcast against W_std and b_std.
-    W_std, b_std: weight and bias standard deviations.
+    W_std: weight standard deviation(s).
+    b_std: bias standard deviation(s).
 
   Returns:
     Q(q), an array of the broadcast shape.
@@ -460,7 +461,8 @@ def correlation_map(activation: Activation, c, W_std=1., b_std=0., q=None):
   Args:
     activation: an elementwise stax layer or a scalar callable phi.
     c: correlation(s) in [-1, 1].
-    W_std, b_std: scalars.
+    W_std: weight standard deviation (a scalar).
+    b_std: bias standard deviation (a scalar).
     q: input variance; None for q*(W_std, b_std).
 
   Returns:
@@ -488,7 +490,8 @@ def mean_field(activation: Activation, W_std=1., b_std=0.,
 
   Args:
     activation: an elementwise stax layer or a scalar callable phi.
-    W_std, b_std: weight and bias standard deviations (broadcast arrays).
+    W_std: weight standard deviations (broadcast against `b_std`).
+    b_std: bias standard deviations (broadcast against `W_std`).
     q0: starting variance of the fixed-point iteration (matters only when Q
       has several stable fixed points).
 
@@ -510,7 +513,8 @@ def q_star(activation: Activation, W_std=1., b_std=0., q0: float = 1.):
 
   Args:
     activation: an elementwise stax layer or a scalar callable phi.
-    W_std, b_std: standard deviations (broadcast arrays).
+    W_std: weight standard deviations (broadcast against `b_std`).
+    b_std: bias standard deviations (broadcast against `W_std`).
     q0: starting variance.
 
   Returns:

@@ -575,7 +575,8 @@ def lanczos_functions(op, b: np.ndarray, functions: Sequence[Callable],
     tol: relative change between checks that counts as converged.
     max_iterations: default min(M, 10 sqrt(M) + 100).
     check_every: steps between convergence checks.
-    progress, info: as in `cg`.
+    progress: as in `cg`.
+    info: as in `cg`.
 
   Returns:
     (len(functions), M, T) float64.

@@ -198,7 +198,8 @@ def depth_sweep(x, max_depth: int, *, network_fn: Optional[Callable] = None,
     max_depth: largest depth (>= 1).
     network_fn: depth -> Layer.
     activation: e.g. `stax.Erf()`, for the fully connected family.
-    W_std, b_std: its hyperparameters.
+    W_std: its weight standard deviation.
+    b_std: its bias standard deviation.
     label: plot label (default: describes the family).
 
   Returns:

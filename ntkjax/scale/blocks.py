@@ -177,10 +177,12 @@ class BlockJob:
     kernel_fn: an ntkjax `kernel_fn` (stax) or any function
       `f(x1, x2, *args, **kwargs)` whose result per pair depends only on the
       pair (empirical kernels included).
-    x1, x2: the inputs (x2 None for a symmetric kernel).
-    args, kwargs: the remaining arguments of `kernel_fn`; arrays among them
-      (parameters, `pattern`) are traced, everything else (get,
-      diagonal_spatial) is static.
+    x1: the first inputs.
+    x2: the second inputs (None for a symmetric kernel).
+    args: the remaining positional arguments of `kernel_fn`; arrays among
+      them (parameters, `pattern`) are traced, everything else is static.
+    kwargs: the remaining keyword arguments of `kernel_fn`; arrays among
+      them are traced, everything else (get, diagonal_spatial) is static.
     batch_size: samples per block (0: one block).
     get: for a stax kernel_fn, the field names to compute.
   """

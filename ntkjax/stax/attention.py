@@ -346,10 +346,12 @@ def GlobalSelfAttention(
       the key weights (deterministic attention at infinite width); False:
       1 / sqrt(d_k) and independent queries (Gaussian logits; the kernel is
       implemented for IDENTITY, RELU and ABS, not SOFTMAX).
-    W_key_std, W_query_std: weight standard deviations of keys and queries;
-      only their product enters.
-    W_value_std, W_out_std: of values and the output; only their product
-      enters.
+    W_key_std: weight standard deviation of the keys; only its product
+      with `W_query_std` enters.
+    W_query_std: weight standard deviation of the queries.
+    W_value_std: weight standard deviation of the values; only its product
+      with `W_out_std` enters.
+    W_out_std: weight standard deviation of the output.
     b_std: bias standard deviation; None means no bias.
     attention_mechanism: 'SOFTMAX' (over key positions), 'IDENTITY', 'ABS' or
       'RELU' (case-insensitive; neural-tangents' AttentionMechanism members
@@ -365,7 +367,8 @@ def GlobalSelfAttention(
     W_pos_emb_std: standard deviation of the embeddings.
     val_pos_emb: whether the values read the embeddings too (keys and
       queries always do).
-    batch_axis, channel_axis: only (0, -1).
+    batch_axis: only 0.
+    channel_axis: only -1.
 
   Returns:
     A `Layer`. Parameters are neural-tangents' tuple (query matrices or

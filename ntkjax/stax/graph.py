@@ -219,7 +219,8 @@ def Aggregate(aggregate_axis: Union[None, int, Sequence[int]] = None,
   Args:
     aggregate_axis: the spatial axes whose positions are the graph's
       vertices (None: all axes but batch and channel).
-    batch_axis, channel_axis: only (0, -1).
+    batch_axis: only 0.
+    channel_axis: only -1.
     to_dense: `implementation='DENSE'` only: a function turning the given
       `pattern` (batch first) into the dense adjacency
       (batch, X_i1, ..., X_iK, X_i1, ..., X_iK); identity by default.

@@ -31,7 +31,8 @@ def Dense(out_dim: int, W_std=1., b_std=None, batch_axis: int = 0,
     W_std: weight standard deviation (a float, or an array to differentiate
       the kernel with respect to it).
     b_std: bias standard deviation; None means no bias.
-    batch_axis, channel_axis: only the defaults (0, -1) are supported.
+    batch_axis: only the default 0 is supported.
+    channel_axis: only the default -1 is supported.
     parameterization: 'ntk' or 'standard' (see module docstring).
     s: width scalings `(s0, s1)` for the standard parameterization: the weight
       matrix has shape `(s0 * in, s1 * out)` in the width-scaling sense of

@@ -185,7 +185,8 @@ def AvgPool(window_shape: Sequence[int], strides: Optional[Sequence[int]] = None
     padding: 'VALID', 'SAME' or 'CIRCULAR'.
     normalize_edges: with 'SAME', divide by the number of non-padding
       entries of each window instead of the window size.
-    batch_axis, channel_axis: only (0, -1).
+    batch_axis: only 0.
+    channel_axis: only -1.
 
   Returns:
     A `Layer`.
