@@ -1,24 +1,45 @@
-"""Input checks of `ntkjax.predict`, run on concrete arrays only.
+"""Input checks of `ntkjax.predict`.
 
 A training kernel that is not a kernel (NaN entries, not symmetric, a
 negative diagonal), NaN targets or negative times would otherwise come
-back as confident numbers (zeros, -7e10) or NaN. Under `jit` (tracers) and
-for kernels stored on disk (checked by `solvers` as they are read) the
-checks are skipped. Each costs one pass over the N x N kernel, against the
-O(N^3) factorization that follows.
+back as confident numbers (zeros, -7e10) or NaN. Concrete arrays are checked
+at once; under `jit` (tracers) the same checks raise when the compiled
+program runs (`_runtime_checks.fail_if`). Kernels stored on disk are checked
+by `solvers` as they are read. Each costs one pass over the N x N kernel,
+against the O(N^3) factorization that follows.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from ntkjax import _runtime_checks as runtime_checks
 from ntkjax import solvers
 
 
 def _concrete(*values) -> bool:
-  return not any(isinstance(v, jax.core.Tracer)
-                 for v in jax.tree.leaves(values))
+  return not runtime_checks.is_traced(*values)
+
+
+def _check_traced_kernel(k, name: str, who: str):
+  """`check_kernel`'s three checks, staged to run with the program."""
+  tol = jnp.sqrt(jnp.finfo(k.dtype).eps) * jnp.max(jnp.abs(k))
+  runtime_checks.fail_if(runtime_checks.any_not_finite(k), ValueError,
+                         f'{who}: {name} has NaN or infinite entries; '
+                         'recompute it (float64 for large inputs).')
+  asymmetry = jnp.max(jnp.abs(k - k.T))
+  runtime_checks.fail_if(
+      asymmetry > tol, ValueError,
+      lambda a: f'{who}: {name} is not symmetric (max |K - K^T| = {a:.3g}); '
+      'a train-train kernel is K(x, x): compute it with x2=None.', asymmetry)
+  lowest = jnp.min(jnp.diagonal(k))
+  runtime_checks.fail_if(
+      lowest < -tol, solvers.NotPositiveDefiniteError,
+      lambda low: f'{who}: {name} has a negative diagonal entry ({low:.3g}); '
+      'a kernel is positive semidefinite (check its sign and its layout).',
+      lowest)
 
 
 def check_nonnegative(who: str, **values):
@@ -32,7 +53,11 @@ def check_kernel(k, name: str, who: str):
   """k (N, N) in memory: finite, symmetric to sqrt(eps) of its largest
   entry (blocked float32 computations differ by rounding), diagonal >= 0
   (a negative-definite or sign-flipped kernel has a negative diagonal)."""
-  if not hasattr(k, 'shape') or not _concrete(k) or len(k.shape) != 2:
+  if not hasattr(k, 'shape') or len(k.shape) != 2:
+    return
+  if not _concrete(k):
+    if k.size:
+      _check_traced_kernel(k, name, who)
     return
   k = np.asarray(k)
   if not np.all(np.isfinite(k)):
@@ -55,13 +80,23 @@ def check_kernel(k, name: str, who: str):
 
 def check_targets(y, who: str):
   """Training targets (or initial outputs) are finite."""
-  if _concrete(y) and not np.all(np.isfinite(np.asarray(y))):
-    raise ValueError(f'{who}: y_train has NaN or infinite entries.')
+  message = f'{who}: y_train has NaN or infinite entries.'
+  if not _concrete(y):
+    runtime_checks.fail_if(runtime_checks.any_not_finite(y), ValueError,
+                           message)
+  elif not np.all(np.isfinite(np.asarray(y))):
+    raise ValueError(message)
 
 
 def check_times(t, who: str):
   """Times are >= 0 and not NaN (None means t = inf)."""
-  if t is None or not _concrete(t):
+  if t is None:
+    return
+  if not _concrete(t):
+    runtime_checks.fail_if(
+        ~(jnp.asarray(t) >= 0), ValueError,
+        lambda ts: f'{who}: t={ts} must be >= 0 (None for t = inf); '
+        'training runs forward from t = 0.', jnp.asarray(t))
     return
   ts = np.asarray(t, dtype=float)
   if np.any(np.isnan(ts)) or np.any(ts < 0):

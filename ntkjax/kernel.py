@@ -20,15 +20,15 @@ This module imports nothing else from ntkjax.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
+import threading
 from typing import Any, Optional
 
 import jax
 
 Array = jax.Array
-
-_source_ids = itertools.count()
 
 
 def _interleave(first, second):
@@ -144,9 +144,109 @@ class Spatial:
     return a.transpose(self.swap_public_axes())
 
 
-def new_source_id() -> int:
+@dataclasses.dataclass(frozen=True)
+class FieldId:
+  """Identifies one Gaussian field (the output of one affine layer).
+
+  Attributes:
+    call: which `kernel_fn` call created the field (`fresh_field_ids`).
+    index: the field's place in the order that call created its fields.
+  """
+  call: int
+  index: int
+
+
+_calls = itertools.count(1)
+_numbering = threading.local()  # dask runs kernel_fn calls in threads
+
+
+def _numbering_state():
+  if not hasattr(_numbering, 'call'):
+    _numbering.call, _numbering.indices = next(_calls), itertools.count()
+  return _numbering
+
+
+@contextlib.contextmanager
+def fresh_field_ids():
+  """Number the fields created inside as a new call: (call, 0), (call, 1)...
+
+  The same network called twice numbers its fields alike, so its Kernels
+  have the same pytree structure (`Kernel` compares field ids without their
+  `call`) and a jitted function taking a Kernel traces once per shape;
+  fields of different calls keep different ids, so the kernel maps still
+  tell them apart (independent random weights).
+  """
+  state = _numbering_state()
+  saved = state.call, state.indices
+  state.call, state.indices = next(_calls), itertools.count()
+  try:
+    yield
+  finally:
+    state.call, state.indices = saved
+
+
+def new_source_id() -> FieldId:
   """A fresh identifier for a Gaussian field created by an affine layer."""
-  return next(_source_ids)
+  state = _numbering_state()
+  return FieldId(state.call, next(state.indices))
+
+
+class _Static:
+  """Pytree metadata of Source, Term and Kernel, compared by structure.
+
+  Two Kernels of one network on inputs of equal shapes differ only in their
+  field ids' `call` and in the identity of elementwise maps built per call;
+  jit compares pytree structures with `==`, so those would retrace on every
+  call. Here field ids compare by `index` and elementwise maps by their
+  `structure` (`ntkjax.stax.features.Fn`). The values themselves are kept
+  whole for the kernel maps. A value that is not hashable (a traced scale
+  inside a map) compares by identity.
+  """
+  __slots__ = ('values', '_key')
+
+  def __init__(self, values: tuple):
+    self.values = values
+    self._key = _structural(values)
+
+  def __eq__(self, other):
+    return isinstance(other, _Static) and self._key == other._key
+
+  def __hash__(self):
+    return hash(self._key)
+
+  def __repr__(self):
+    return repr(self.values)
+
+
+def _structural(value):
+  """A hashable key of `value` for `_Static`."""
+  if isinstance(value, FieldId):
+    return ('field', value.index)
+  if isinstance(value, frozenset):
+    return frozenset(_structural(v) for v in value)
+  if isinstance(value, tuple):
+    return tuple(_structural(v) for v in value)
+  structure = getattr(value, 'structure', None)
+  if structure is not None:
+    return _structural(structure)
+  try:
+    hash(value)
+  except TypeError:
+    return ('object', id(value))
+  return value
+
+
+def _register(cls, data_fields: list, meta_fields: list):
+  """Register a dataclass as a pytree whose metadata is a `_Static`."""
+  def flatten(obj):
+    return ([getattr(obj, f) for f in data_fields],
+            _Static(tuple(getattr(obj, f) for f in meta_fields)))
+
+  def unflatten(static, children):
+    return cls(**dict(zip(data_fields, children)),
+               **dict(zip(meta_fields, static.values)))
+
+  jax.tree_util.register_pytree_node(cls, flatten, unflatten)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +265,11 @@ class Source:
       of (just `{source_id}` for an affine layer's output). Two sources are
       independent exactly when their components are disjoint.
     spatial: the layout of the arrays over spatial axes (`Spatial`).
+    root, scale1, scale2: for a field that is another Gaussian field `root`
+      scaled per sample (and position), z_i(p) = scale_i(p) root_i(p), as
+      LayerNorm makes of a Gaussian field: the root and the (S..., N1),
+      (S..., N2) scales; None otherwise. Branches that rescale one root
+      differently can then be summed exactly (x + LayerNorm(x)).
   """
   nngp: Array
   ntk: Array
@@ -172,15 +277,19 @@ class Source:
   cov2: Array
   mean1: Optional[Array] = None
   mean2: Optional[Array] = None
-  source_id: int = -1
+  root: Optional['Source'] = None
+  scale1: Optional[Array] = None
+  scale2: Optional[Array] = None
+  source_id: Optional[FieldId] = None
   is_input: bool = False
   components: frozenset = frozenset()
   spatial: Spatial = Spatial()
 
 
-jax.tree_util.register_dataclass(
+_register(
     Source,
-    data_fields=['nngp', 'ntk', 'cov1', 'cov2', 'mean1', 'mean2'],
+    data_fields=['nngp', 'ntk', 'cov1', 'cov2', 'mean1', 'mean2', 'root',
+                 'scale1', 'scale2'],
     meta_fields=['source_id', 'is_input', 'components', 'spatial'])
 
 
@@ -214,7 +323,7 @@ class Term:
   spatial: Spatial = Spatial()
 
 
-jax.tree_util.register_dataclass(
+_register(
     Term,
     data_fields=['nngp', 'ntk', 'cov1', 'cov2', 'mean1', 'mean2', 'source'],
     meta_fields=['fn', 'components', 'spatial'])
@@ -295,7 +404,7 @@ class Kernel:
     return None
 
 
-jax.tree_util.register_dataclass(
+_register(
     Kernel,
     data_fields=['nngp', 'ntk', 'cov1', 'cov2', 'terms', 'sample_ids1',
                  'sample_ids2', 'pattern1', 'pattern2', 'mask1', 'mask2'],

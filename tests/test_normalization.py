@@ -358,3 +358,64 @@ def test_layer_norm_errors(inputs):
     stax.LayerNorm(axis=())
   with pytest.raises(NotImplementedError, match='batch_axis'):
     stax.LayerNorm(batch_axis=1)
+
+
+# ---- Same-field combinations of per-sample scalings (issue 17, item 8). ----
+#
+# LayerNorm of a Gaussian field z is z_i / s_i per sample (s_i = sqrt(q_i +
+# eps), deterministic at infinite width), so x + LayerNorm(x) = (1 + 1/s_i)
+# z_i is again a Gaussian field scaled per sample, and x * LayerNorm(x) =
+# z_i^2 / s_i has the moments of z^2 scaled per sample. Each kernel is
+# checked against Monte Carlo of the finite networks.
+
+RESIDUALS = {
+    'x + LayerNorm(x), then Relu': lambda: stax.serial(
+        _dense(), stax.FanOut(2), stax.parallel(stax.Identity(),
+                                                stax.LayerNorm()),
+        stax.FanInSum(), stax.Relu()),
+    'x + LayerNorm(x) + LayerNorm(LayerNorm(x)), then Erf': lambda: stax.serial(
+        _dense(), stax.FanOut(3),
+        stax.parallel(stax.Identity(), stax.LayerNorm(),
+                      stax.serial(stax.LayerNorm(), stax.LayerNorm())),
+        stax.FanInSum(), stax.Erf()),
+    'x * LayerNorm(x)': lambda: stax.serial(
+        _dense(), stax.FanOut(2), stax.parallel(stax.Identity(),
+                                                stax.LayerNorm()),
+        stax.FanInProd()),
+    'pre-LN transformer-style block: x + Dense(Relu(LayerNorm(x)))':
+        lambda: stax.serial(
+            _dense(), stax.FanOut(2),
+            stax.parallel(stax.Identity(), stax.serial(
+                stax.LayerNorm(), stax.Relu(), _dense())),
+            stax.FanInSum(), stax.LayerNorm(), stax.Gelu()),
+}
+
+
+@pytest.mark.parametrize('name', sorted(RESIDUALS))
+def test_same_field_rescalings_match_monte_carlo(name, inputs):
+  """These raised 'two branches depend on the same Gaussian field' before."""
+  check_layers_against_monte_carlo(RESIDUALS[name], inputs, name, WIDTH,
+                                   key=len(name))
+
+
+def test_sum_of_rescalings_is_the_field_scaled_per_sample(inputs):
+  """Exact identity: the NNGP of z + LayerNorm(z) is
+  nngp_ij (1 + 1/s_i)(1 + 1/s_j) with s_i = sqrt(cov1_i + eps)."""
+  x1, x2 = inputs
+  _, _, base = stax.serial(_dense())
+  _, _, residual = stax.serial(_dense(), stax.FanOut(2), stax.parallel(
+      stax.Identity(), stax.LayerNorm(eps=0.1)), stax.FanInSum())
+  k = base(x1, x2)
+  c1 = 1 + 1 / np.sqrt(np.asarray(k.cov1) + 0.1)
+  c2 = 1 + 1 / np.sqrt(np.asarray(k.cov2) + 0.1)
+  got = residual(x1, x2)
+  np.testing.assert_allclose(got.nngp, np.outer(c1, c2) * k.nngp, rtol=1e-12)
+  np.testing.assert_allclose(got.ntk, np.outer(c1, c2) * k.ntk, rtol=1e-12)
+  np.testing.assert_allclose(got.cov1, c1**2 * k.cov1, rtol=1e-12)
+
+
+def test_a_nonlinear_branch_beside_a_rescaling_raises(inputs):
+  _, _, kernel_fn = stax.serial(_dense(), stax.FanOut(2), stax.parallel(
+      stax.Relu(), stax.LayerNorm()), stax.FanInSum())
+  with pytest.raises(ValueError, match='scaled per sample.*Relu'):
+    kernel_fn(*inputs)

@@ -120,7 +120,8 @@ def Gelu(approximate: bool = False) -> Layer:
   With P = (1 + k11)(1 + k22), D = sqrt(P - k12^2), t = arcsin(k12 / sqrt(P)):
     E[phi(u) phi(v)] = k12 / 4 + (k12^2 + k11 k22 D^2) / (2 pi P D) + k12 t / (2 pi),
     E[phi(u)]        = k / sqrt(2 pi (1 + k))   (Stein's lemma);
-  the NTK factor is d/dk12 of the NNGP (Price's theorem), by autodiff.
+  the NTK factor is d/dk12 of the NNGP (Price's theorem), differentiated
+  by hand below and checked against autodiff of the formula in the tests.
   These follow from writing Phi(u) = P(g <= u) for an independent g ~ N(0, 1)
   and using Gaussian orthant moments; they are checked against quadrature in
   the tests. With `approximate=True` the finite network uses the tanh
@@ -129,17 +130,47 @@ def Gelu(approximate: bool = False) -> Layer:
   if approximate:
     return _activation_layer(dual.numerical(
         lambda x: jax.nn.gelu(x, approximate=True), 'Gelu(approximate=True)'))
+  return _activation_layer(gelu_activation())
+
+
+def gelu_activation() -> dual.Activation:
+  """The exact GELU's `dual.Activation` (formulas in `Gelu`)."""
+  # In the variables of `dual._saturating_correlation` (scale 1):
+  # q_i = 1 / (1 + k_ii), r = k12 / sqrt(P), w = sqrt(1 - r^2) = D / sqrt(P),
+  # the formula above reads
+  #   k12 / 4 + k12 t / (2 pi)
+  #     + (r^2 sqrt(q1 q2) / w + k11 sqrt(q1) k22 sqrt(q2) w) / (2 pi),
+  # and its k12-derivative (by hand, using dD/dk12 = -k12 / D) is
+  #   1/4 + t / (2 pi) + (2 r q1 q2 / w + r^3 q1 q2 / w^3
+  #                       + r (1 - t1 t2) / w) / (2 pi),   t_i = k_ii q_i.
+  # No product of variances is formed and nothing cancels, so float32 stays
+  # finite and accurate at any variance (P - k12^2 lost every digit at
+  # variance 1e4 and overflowed past ~1e19).
+  def pieces(k12, k11, k22):
+    r, one_minus_r2, q1, q2 = dual._saturating_correlation(k12, k11, k22, 1.)
+    return r, one_minus_r2, q1, q2, dual._arcsin(r, one_minus_r2)
 
   def nngp(k12, k11, k22):
-    p = (1 + k11) * (1 + k22)
-    d = jnp.sqrt(p - k12**2)
-    t = jnp.arctan2(k12, d)
-    return (k12 / 4 + (k12**2 + k11 * k22 * d**2) / (2 * jnp.pi * p * d)
-            + k12 * t / (2 * jnp.pi))
+    r, one_minus_r2, q1, q2, t = pieces(k12, k11, k22)
+    w = dual.safe_sqrt(one_minus_r2)
+    root1, root2 = dual.safe_sqrt(q1), dual.safe_sqrt(q2)
+    return (k12 / 4 + k12 * t / (2 * jnp.pi)
+            + (r * r * root1 * root2 / w
+               + (k11 * root1) * (k22 * root2) * w) / (2 * jnp.pi))
 
-  return _activation_layer(dual.Activation(
+  def ntk_factor(k12, k11, k22):
+    r, one_minus_r2, q1, q2, t = pieces(k12, k11, k22)
+    inverse_w = jax.lax.rsqrt(one_minus_r2)
+    q12 = q1 * q2
+    one_minus_t12 = q1 + k11 * q1 * q2
+    return (0.25 + t / (2 * jnp.pi)
+            + r * inverse_w * (2 * q12 + r * r * q12 * inverse_w**2
+                               + one_minus_t12) / (2 * jnp.pi))
+
+  return dual.Activation(
       'Gelu()', lambda x: jax.nn.gelu(x, approximate=False), nngp=nngp,
-      mean=lambda k: k / jnp.sqrt(2 * jnp.pi * (1 + k))))
+      ntk_factor=ntk_factor,
+      mean=lambda k: k / jnp.sqrt(2 * jnp.pi * (1 + k)))
 
 
 # ---- Periodic and exponential. ----------------------------------------------

@@ -30,6 +30,7 @@ integral) raise a `KernelError` that names the layer and says what to write.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional, Sequence
 
 import jax.numpy as jnp
@@ -44,12 +45,20 @@ class KernelError(ValueError):
 
 # ----------------------------------------------------------------------------
 # Elementwise maps from a Gaussian field to a term of the features. Instances
-# are static (pytree metadata), compared by identity.
+# are static (pytree metadata); kernel maps tell them apart by identity, and
+# pytree structures compare them by `structure` (`ntkjax.kernel._Static`),
+# which is built from the activations (created once, with their layer) and
+# scales, so the maps a network builds anew on each call compare equal.
 
 
 class Fn:
   """An elementwise map. Subclasses say how much of it has closed forms."""
   degree: int = dual.DEFAULT_QUADRATURE_DEGREE
+
+  @property
+  def structure(self):
+    """A hashable description: equal for maps that compute the same."""
+    return ('fn', id(self))
 
   def __call__(self, x):
     raise NotImplementedError
@@ -60,6 +69,10 @@ class Linear(Fn):
 
   def __init__(self, scale: float = 1.):
     self.scale = scale
+
+  @property
+  def structure(self):
+    return ('linear', self.scale)
 
   def __call__(self, x):
     return self.scale * x
@@ -73,6 +86,10 @@ class Scaled(Fn):
     self.act, self.out_scale, self.in_scale = act, out_scale, in_scale
     self.degree = act.degree
 
+  @property
+  def structure(self):
+    return ('scaled', self.act, self.out_scale, self.in_scale)
+
   def __call__(self, x):
     return self.out_scale * self.act.fn(self.in_scale * x)
 
@@ -80,8 +97,13 @@ class Scaled(Fn):
 class Composite(Fn):
   """Any other elementwise map (chains, sums, products): quadrature only."""
 
-  def __init__(self, call: Callable, degree: int):
+  def __init__(self, call: Callable, degree: int, structure=None):
     self.call, self.degree = call, degree
+    self._structure = ('fn', id(self)) if structure is None else structure
+
+  @property
+  def structure(self):
+    return self._structure
 
   def __call__(self, x):
     return self.call(x)
@@ -92,7 +114,8 @@ def compose(act: dual.Activation, inner: Fn) -> Fn:
   if isinstance(inner, Linear):
     return Scaled(act, 1., inner.scale)
   degree = max(act.degree, inner.degree)
-  return Composite(lambda x: act.fn(inner(x)), degree)
+  return Composite(lambda x: act.fn(inner(x)), degree,
+                   ('compose', act, inner.structure))
 
 
 def add_maps(maps: Sequence[Fn]) -> Fn:
@@ -105,7 +128,16 @@ def add_maps(maps: Sequence[Fn]) -> Fn:
       and m.in_scale == first.in_scale for m in maps)):
     return Scaled(first.act, sum(m.out_scale for m in maps), first.in_scale)
   return Composite(lambda x: sum(m(x) for m in maps),
-                   max(m.degree for m in maps))
+                   max(m.degree for m in maps),
+                   ('add',) + tuple(m.structure for m in maps))
+
+
+@functools.lru_cache(maxsize=None)
+def _monomial(degree: int) -> dual.Activation:
+  """x^degree, one Activation per degree (so maps built from it compare
+  equal across calls)."""
+  return dual.polynomial([0.] * degree + [1.],
+                         name=f'Monomial(degree={degree})')
 
 
 def multiply_maps(maps: Sequence[Fn]) -> Fn:
@@ -114,16 +146,15 @@ def multiply_maps(maps: Sequence[Fn]) -> Fn:
     scale = 1.
     for m in maps:
       scale *= m.scale
-    monomial = dual.polynomial([0.] * len(maps) + [1.],
-                               name=f'Monomial(degree={len(maps)})')
-    return Scaled(monomial, scale, 1.)
+    return Scaled(_monomial(len(maps)), scale, 1.)
 
   def product(x):
     out = maps[0](x)
     for m in maps[1:]:
       out = out * m(x)
     return out
-  return Composite(product, max(m.degree for m in maps))
+  return Composite(product, max(m.degree for m in maps),
+                   ('multiply',) + tuple(m.structure for m in maps))
 
 
 # ----------------------------------------------------------------------------
@@ -138,6 +169,55 @@ def new_source(nngp, ntk, cov1, cov2, components: Optional[frozenset] = None,
     components = frozenset([source_id])
   return Source(nngp, ntk, cov1, cov2, source_id=source_id,
                 components=components, **kwargs)
+
+
+def root_of(source: Source) -> Source:
+  """The Gaussian field that `source` is a per-sample rescaling of (itself
+  if it is none)."""
+  return source if source.root is None else source.root
+
+
+def rescaled_source(source: Source, scale1, scale2) -> Source:
+  """The Gaussian field z_i(p) scale_i(p), z ~ `source`, per sample and
+  position ((S..., N) scales, e.g. LayerNorm's 1 / s of a Gaussian field).
+
+  Its moments are the source's times outer(scale1, scale2) (the NTK too: the
+  scales are deterministic at infinite width; their parameter gradients are
+  O(1/n)). It keeps the root field and the total scales, so branches
+  rescaling one field differently can be summed or multiplied exactly.
+  """
+  if source.root is not None:
+    scale1, scale2 = scale1 * source.scale1, scale2 * source.scale2
+    source = source.root
+  spatial = source.spatial
+  outer = spatial.outer(scale1, scale2)
+  cov1 = source.cov1 * spatial.self_outer(scale1)
+  symmetric = source.cov2 is source.cov1 and scale2 is scale1
+  cov2 = cov1 if symmetric else source.cov2 * spatial.self_outer(scale2)
+  return new_source(source.nngp * outer, source.ntk * outer, cov1, cov2,
+                    components=source.components, spatial=spatial,
+                    root=source, scale1=scale1, scale2=scale2)
+
+
+def _root_scales(term: Term):
+  """(root, scale1, scale2) of a term that is a linear map c z of a
+  (rescaled) Gaussian field: scales c_i(p) relative to the root."""
+  source, c = term.source, term.fn.scale
+  if source.root is None:
+    return source, c, c
+  return source.root, c * source.scale1, c * source.scale2
+
+
+def _check_linear_rescalings(terms: Sequence[Term], layer: str):
+  """Branches that rescale one field per sample combine exactly only while
+  each is still linear in it."""
+  if not all(isinstance(t.fn, Linear) for t in terms):
+    raise KernelError(
+        f'{layer}: its branches are one Gaussian field scaled per sample '
+        '(LayerNorm of it) and one of them passed through a nonlinearity '
+        'before they meet (e.g. Relu(z) + LayerNorm(z)); that kernel is not '
+        'computed. Combine the branches before the nonlinearity '
+        '(Relu(z + LayerNorm(z))), or put a Dense layer in the branch.')
 
 
 def _scaled(x, scale):
@@ -294,7 +374,8 @@ def collapse(kernel: Kernel) -> Term:
 def linear_map_kernel(k: Kernel, nngp, ntk, cov1, cov2, map_means,
                       spatial: Spatial, shape1: tuple, shape2: tuple,
                       keeps_gaussian: bool = True,
-                      zero_masked_means: bool = False) -> Kernel:
+                      zero_masked_means: bool = False,
+                      rescales=None) -> Kernel:
   """The Kernel of a parameter-free linear map (pooling, Flatten, taking
   the same-position entries) of `k`'s features.
 
@@ -309,6 +390,9 @@ def linear_map_kernel(k: Kernel, nngp, ntk, cov1, cov2, map_means,
       to a mixture over positions (Flatten).
     zero_masked_means: zero the means of masked positions before the map
       (for maps that mix positions, whose masked inputs are zeros).
+    rescales: None, or `(scale1, scale2)` when the map multiplies each
+      sample (and position) by a number (LayerNorm): a Gaussian field in
+      comes out as that field rescaled (`rescaled_source`).
 
   Returns:
     The output Kernel: the raw inputs stay inputs, a Gaussian field stays
@@ -321,7 +405,14 @@ def linear_map_kernel(k: Kernel, nngp, ntk, cov1, cov2, map_means,
   if zero_masked_means and k.mask1 is not None:
     mean1, mean2 = masked_means(k, (whole.mean1, whole.mean2))
     whole = dataclasses.replace(whole, mean1=mean1, mean2=mean2)
-  if k.is_input or (k.is_gaussian and keeps_gaussian):
+  single = k.terms[0] if len(k.terms) == 1 else None
+  if (rescales is not None and k.is_gaussian and single is not None
+      and isinstance(single.fn, Linear)):
+    c = single.fn.scale
+    source = rescaled_source(single.source, c * rescales[0],
+                             c * rescales[1])
+    term = term_of(source, Linear(1.))
+  elif k.is_input or (k.is_gaussian and keeps_gaussian):
     means = {}
     if k.is_input:
       means = dict(mean1=map1(whole.mean1), mean2=map2(whole.mean2))
@@ -455,14 +546,24 @@ def fan_in_sum(kernels: Sequence[Kernel]) -> Kernel:
   for k in kernels:
     for t in k.terms:
       # Opaque terms cannot be merged, so each is its own group (and if one
-      # appears twice, the independence check below says so).
-      key = ('opaque', len(groups)) if t.source is None else t.source.source_id
+      # appears twice, the independence check below says so). Rescalings of
+      # one field (LayerNorm) group with it.
+      key = (('opaque', len(groups)) if t.source is None
+             else root_of(t.source).source_id)
       groups.setdefault(key, []).append(t)
   _require_independent(list(groups.values()), 'FanInSum')
   terms = []
   for group in groups.values():
     if len(group) == 1:
       terms.append(group[0])
+    elif any(t.source.root is not None for t in group):
+      # sum_k c_k,i z_i = (sum_k c_k,i) z_i: the root rescaled per sample.
+      _check_linear_rescalings(group, 'FanInSum')
+      roots = [_root_scales(t) for t in group]
+      scale1 = sum(r[1] for r in roots)
+      scale2 = sum(r[2] for r in roots)
+      terms.append(term_of(rescaled_source(roots[0][0], scale1, scale2),
+                           Linear(1.)))
     else:
       terms.append(term_of(group[0].source, add_maps([t.fn for t in group])))
   return kernel_from_terms(terms, kernels[0],
@@ -473,6 +574,10 @@ def fan_in_prod(kernels: Sequence[Kernel]) -> Kernel:
   """Kernel of the elementwise product of the branches' features."""
   single = all(len(k.terms) == 1 and k.terms[0].source is not None
                for k in kernels)
+  if single and len({root_of(k.terms[0].source).source_id
+                     for k in kernels}) == 1 and any(
+                         k.terms[0].source.root is not None for k in kernels):
+    return _product_of_rescalings([k.terms[0] for k in kernels], kernels[0])
   if single and len({k.terms[0].source.source_id for k in kernels}) == 1:
     source = kernels[0].terms[0].source
     if source.is_input:
@@ -501,6 +606,29 @@ def fan_in_prod(kernels: Sequence[Kernel]) -> Kernel:
   term = Term(nngp, ntk, cov1, cov2, mean1, mean2, components=components,
               spatial=kernels[0].spatial)
   return kernel_from_terms([term], kernels[0], is_input=False)
+
+
+def _product_of_rescalings(terms: Sequence[Term], like: Kernel) -> Kernel:
+  """prod_k c_k,i z_i = (prod_k c_k,i) z_i^K for K rescalings of one field:
+  the moments of z^K scaled per sample. The result is no longer a map of
+  one field with sample-independent form, so it is one opaque term (a
+  nonlinearity after it raises; sums with independent branches work)."""
+  _check_linear_rescalings(terms, 'FanInProd')
+  roots = [_root_scales(t) for t in terms]
+  scale1, scale2 = 1., 1.
+  for _, c1, c2 in roots:
+    scale1, scale2 = scale1 * c1, scale2 * c2
+  root = roots[0][0]
+  power = term_of(root, Scaled(_monomial(len(terms)), 1., 1.))
+  mean1, mean2 = term_means(power)
+  spatial = root.spatial
+  outer = spatial.outer(scale1, scale2)
+  term = Term(power.nngp * outer, power.ntk * outer,
+              power.cov1 * spatial.self_outer(scale1),
+              power.cov2 * spatial.self_outer(scale2),
+              mean1 * scale1, mean2 * scale2, components=root.components,
+              spatial=spatial)
+  return kernel_from_terms([term], like, is_input=False)
 
 
 def fan_in_concat(kernels: Sequence[Kernel], widths: Sequence[int]) -> Kernel:

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntkjax.kernel import KERNEL_FIELDS, Kernel, Spatial
+from ntkjax.kernel import KERNEL_FIELDS, Kernel, Spatial, fresh_field_ids
+from ntkjax import _runtime_checks as runtime_checks
 from ntkjax.stax import features
 from ntkjax.stax.features import KernelError
 
@@ -146,11 +147,17 @@ def _canonical_inputs(x1, x2):
           f'kernel_fn: {name} has shape {tuple(x.shape)}; inputs are '
           '(batch, features) for fully connected networks or (batch, '
           'spatial..., channels) for convolutional ones.')
+    message = (f'kernel_fn: {name} contains NaN or infinite values; clean '
+               'or impute the data first.')
     # numpy, not jnp: a concrete array captured by an outer jit is checked
-    # here, while jnp.isfinite of it would be traced.
-    if is_concrete(x) and not bool(np.all(np.isfinite(np.asarray(x)))):
-      raise ValueError(f'kernel_fn: {name} contains NaN or infinite values; '
-                       'clean or impute the data first.')
+    # here, while jnp.isfinite of it would be traced. Traced inputs are
+    # checked when the compiled program runs.
+    if is_concrete(x):
+      if not bool(np.all(np.isfinite(np.asarray(x)))):
+        raise ValueError(message)
+    else:
+      runtime_checks.fail_if(runtime_checks.any_not_finite(x), ValueError,
+                             message)
     return x
 
   x1 = as_float(x1, 'x1')
@@ -165,6 +172,15 @@ def _canonical_inputs(x1, x2):
       dtype = jnp.promote_types(x1.dtype, x2.dtype)
       x1, x2 = x1.astype(dtype), x2.astype(dtype)
   return x1, x2
+
+
+def _power_of_two_scaled(x):
+  """(x / s, s) with s the power of two at or above max |x| (1 for x = 0);
+  dividing by a power of two is exact."""
+  largest = jnp.max(jnp.abs(x))
+  _, exponent = jnp.frexp(jnp.where(largest > 0, largest, 1))
+  scale = jnp.ldexp(jnp.ones((), largest.dtype), exponent)
+  return x / scale, scale
 
 
 def input_kernel(x1, x2=None, diagonal_spatial: bool = False,
@@ -201,16 +217,24 @@ def input_kernel(x1, x2=None, diagonal_spatial: bool = False,
   else:
     cross = f'n{letters}z,m{letters}z->{letters}nm'
     own = f'n{letters}z,n{letters}z->{letters}n'
+  # Inputs divided by a power of two near their largest entry (exact), and
+  # the averages scaled back at the end: products and sums of entries
+  # beyond ~1e19 would overflow float32 although the kernel (their average
+  # product) may be representable.
+  scaled1, scale1 = _power_of_two_scaled(x1)
+  scaled2, scale2 = (scaled1, scale1) if x2 is None else _power_of_two_scaled(x2)
   dot = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
   second = x1 if x2 is None else x2
-  nngp = dot(cross, x1, second) / channels
+  nngp = dot(cross, scaled1, scaled2) / channels * scale1 * scale2
   if x2 is None:
     nngp = (nngp + spatial.swap(nngp)) / 2  # exactly symmetric
-  cov1 = dot(own, x1, x1) / channels
-  cov2 = cov1 if x2 is None else dot(own, x2, x2) / channels
+  cov1 = dot(own, scaled1, scaled1) / channels * scale1 * scale1
+  cov2 = cov1 if x2 is None else (
+      dot(own, scaled2, scaled2) / channels * scale2 * scale2)
   # Channel means, positions first: (S..., N).
-  mean1 = jnp.moveaxis(jnp.mean(x1, -1), 0, -1)
-  mean2 = mean1 if x2 is None else jnp.moveaxis(jnp.mean(x2, -1), 0, -1)
+  mean1 = jnp.moveaxis(jnp.mean(scaled1, -1) * scale1, 0, -1)
+  mean2 = mean1 if x2 is None else jnp.moveaxis(
+      jnp.mean(scaled2, -1) * scale2, 0, -1)
   source = features.new_source(nngp, jnp.zeros_like(nngp), cov1, cov2,
                                mean1=mean1, mean2=mean2, is_input=True,
                                spatial=spatial)
@@ -407,6 +431,13 @@ class KernelFn:
     if kwargs:
       raise TypeError(f'{self.name}.kernel_fn got unexpected keyword arguments '
                       f'{sorted(kwargs)}.')
+    # Fields created by this call are numbered from 0 (`fresh_field_ids`),
+    # so a Kernel output has the same pytree structure on every call.
+    with fresh_field_ids():
+      return self._call(x1, x2, get, diagonal_spatial, pattern,
+                        mask_constant)
+
+  def _call(self, x1, x2, get, diagonal_spatial, pattern, mask_constant):
     get = canonical_get(get)
     if isinstance(x1, Kernel):
       if x2 is not None or pattern is not None or mask_constant is not None:
@@ -422,11 +453,37 @@ class KernelFn:
     pattern = _canonical_pattern(pattern, x1, x2)
     diagonal = self.input_diagonal(bool(diagonal_spatial))
     if get is not None and _pair_blocks(x1, x2, diagonal) is not None:
-      return self._by_blocks(x1, x2, get, diagonal, bool(diagonal_spatial),
-                             pattern, mask_constant)
-    return select(self._outputs(x1, x2, diagonal, bool(diagonal_spatial),
-                                pattern=pattern,
-                                mask_constant=mask_constant), get)
+      out = self._by_blocks(x1, x2, get, diagonal, bool(diagonal_spatial),
+                            pattern, mask_constant)
+    else:
+      out = select(self._outputs(x1, x2, diagonal, bool(diagonal_spatial),
+                                 pattern=pattern,
+                                 mask_constant=mask_constant), get)
+    self._check_finite(out, x1.dtype)
+    return out
+
+  def _check_finite(self, out, dtype):
+    """Finite inputs (checked before) must give a finite kernel: a NaN or
+    infinite entry is an overflow (or a custom kernel function's NaN), and
+    is reported instead of returned."""
+    if isinstance(out, Kernel) or (isinstance(out, (tuple, list)) and out
+                                   and isinstance(out[0], Kernel)):
+      kernels = [out] if isinstance(out, Kernel) else list(out)
+      arrays = [getattr(k, name) for k in kernels for name in KERNEL_FIELDS]
+    else:
+      arrays = [out] if hasattr(out, 'shape') else list(out)
+    arrays = [a for a in arrays if hasattr(a, 'shape')]
+    largest = float(jnp.finfo(dtype).max)
+    runtime_checks.fail_if(
+        runtime_checks.any_not_finite(*arrays), FloatingPointError,
+        f'{self.name}.kernel_fn: the kernel has NaN or infinite entries '
+        f'although the inputs are finite. In {jnp.dtype(dtype).name} '
+        f'(largest number {largest:.3g}) that is an overflow: kernels grow '
+        'like |x|^2 and by W_std^2 per layer (ReLU-like networks exactly '
+        'so). Rescale the inputs or W_std, or compute in float64 '
+        "(jax.config.update('jax_enable_x64', True) before creating "
+        'arrays). A custom Elementwise nngp_fn returning NaN also ends '
+        'here.')
 
   def _outputs(self, x1, x2, diagonal: bool, diagonal_output: bool,
                sample_ids=None, pattern=(None, None),

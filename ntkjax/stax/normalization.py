@@ -82,7 +82,8 @@ def LayerNorm(axis: Union[int, Sequence[int]] = -1, eps: float = 1e-12,
       kernel, e.g. -1 (each position over its channels) or (1, 2, 3) for
       images (N, H, W, C) (each sample over all positions and channels).
     eps: added to the variance.
-    batch_axis, channel_axis: only (0, -1).
+    batch_axis: only 0.
+    channel_axis: only -1.
 
   Returns:
     A `Layer`.
@@ -158,10 +159,13 @@ def LayerNorm(axis: Union[int, Sequence[int]] = -1, eps: float = 1e-12,
       own2 = k.cov2 - spatial.self_outer(m2)
       mean1, mean2 = jnp.zeros_like(m1), jnp.zeros_like(m2)
 
-    # The output means are known per batch (not a map of the input's).
+    # The output means are known per batch (not a map of the input's). A
+    # zero-mean Gaussian field comes out as itself scaled by 1 / s per
+    # sample and group, so branches of it can still be summed
+    # (x + LayerNorm(x)).
     return features.linear_map_kernel(
         k, nngp * scale, k.ntk * scale, own1 * spatial.self_outer(inv1),
         own2 * spatial.self_outer(inv2), (lambda _: mean1, lambda _: mean2),
-        spatial, k.shape1, k.shape2)
+        spatial, k.shape1, k.shape2, rescales=(inv1, inv2))
 
   return layer(name, lambda key, shape: (shape, ()), apply_fn, kernel_map)

@@ -1,0 +1,77 @@
+"""Checks that raise now on concrete values, and at run time under `jit`.
+
+A check on a traced value cannot raise while tracing: the value does not
+exist yet. `fail_if` then stages a host callback (`jax.debug.callback`) that
+raises when the compiled program runs, the pattern of equinox's `error_if`.
+The callback is an effect, so XLA keeps it; `jit`, `grad` and `vmap` pass
+through it (vmap hands it the batch of flags). The raised error surfaces as
+a `jax.errors.JaxRuntimeError` whose text contains the error type and
+message.
+
+Cost: the predicate's reduction (one pass over the checked arrays) and one
+host round trip per call of the compiled program; measured in
+benchmarks/bench_runtime_checks.py (DESIGN.md section 11). Set the
+environment variable NTKJAX_RUNTIME_CHECKS=0 to stage no callbacks (the
+checks on concrete values still run).
+
+This is the lowest layer of the package: it imports nothing from ntkjax.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def enabled() -> bool:
+  """Whether checks on traced values are staged (NTKJAX_RUNTIME_CHECKS)."""
+  return os.environ.get('NTKJAX_RUNTIME_CHECKS', '1') not in ('0', 'false',
+                                                              'False')
+
+
+def is_traced(*values) -> bool:
+  """Whether any leaf of `values` is a tracer (under jit, grad or vmap)."""
+  return any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(values))
+
+
+Message = Union[str, Callable[..., str]]
+
+
+def fail_if(bad, error: type, message: Message, *details) -> None:
+  """Raise `error(message)` where `bad` is true.
+
+  Args:
+    bad: a boolean scalar or array (any true entry fails), concrete or
+      traced.
+    error: the exception class (ValueError, FloatingPointError, ...).
+    message: the message, or a function of `details` (as NumPy values)
+      returning it, so a traced check can report numbers it computes.
+    *details: arrays passed to `message` (computed in the same program).
+  """
+  def text(values):
+    return message(*values) if callable(message) else message
+
+  if not is_traced(bad, *details):
+    if np.any(np.asarray(bad)):
+      raise error(text([np.asarray(d) for d in details]))
+    return
+  if not enabled():
+    return
+
+  def check(flag, *values):
+    if np.any(flag):
+      raise error(text([np.asarray(v) for v in values]))
+
+  jax.debug.callback(check, jnp.asarray(bad), *details)
+
+
+def any_not_finite(*arrays):
+  """A scalar: whether any entry of any floating array is NaN or infinite."""
+  flags = [jnp.any(~jnp.isfinite(a)) for a in arrays
+           if a is not None and jnp.issubdtype(jnp.result_type(a),
+                                               jnp.inexact)]
+  return jnp.any(jnp.stack(flags)) if flags else jnp.bool_(False)
