@@ -175,11 +175,20 @@ def _canonical_inputs(x1, x2):
 
 
 def _power_of_two_scaled(x):
-  """(x / s, s) with s the power of two at or above max |x| (1 for x = 0);
-  dividing by a power of two is exact."""
+  """(x / s, s) with s the power of two at or below max |x| (1 if that is 0
+  or subnormal): dividing by a power of two is exact.
+
+  s is max |x| with its mantissa bits cleared, two bit operations
+  (jnp.frexp / ldexp added ~0.3 s to the compile time of a small network).
+  """
   largest = jnp.max(jnp.abs(x))
-  _, exponent = jnp.frexp(jnp.where(largest > 0, largest, 1))
-  scale = jnp.ldexp(jnp.ones((), largest.dtype), exponent)
+  bits = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[largest.dtype.itemsize]
+  info = jnp.finfo(largest.dtype)
+  exponent_mask = ((1 << info.nexp) - 1) << info.nmant
+  scale = jax.lax.bitcast_convert_type(
+      jax.lax.bitcast_convert_type(largest, bits) & exponent_mask,
+      largest.dtype)
+  scale = jnp.where(scale > 0, scale, jnp.ones((), largest.dtype))
   return x / scale, scale
 
 
