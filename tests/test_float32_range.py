@@ -8,6 +8,7 @@ question is only whether float32 keeps its digits. The rewritten formulas
 themselves are checked against the textbook ones in float64 below.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,132 +117,75 @@ def test_rewritten_formulas_equal_the_textbook_ones_in_float64():
           assert got == pytest.approx(want, rel=1e-10, abs=1e-14)
 
 
-def test_an_overflowing_kernel_raises_instead_of_returning_nan():
-  """x ~ 1e19 gives input kernels ~1e38 and, after W_std^2 = 2.25, more than
-  float32 holds: the true kernel is not representable."""
+# Eagerly the checks raise the error itself; under jit, when the program
+# runs, as a JaxRuntimeError whose text carries the error's type and message.
+FROM_CHECKS = (ValueError, FloatingPointError, jax.errors.JaxRuntimeError)
+
+
+class NanInputsTest(chex.TestCase):
+  """`kernel_fn` with NaN inputs raises with and without jit
+  (`chex.variants` runs each test both ways)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_nan_inputs_raise(self):
+    _, _, kernel_fn = stax.serial(stax.Dense(8), stax.Erf(), stax.Dense(1))
+    run = self.variant(lambda a, b: kernel_fn(a, b, 'ntk'))
+    x = X.copy()
+    x[1, 2] = np.nan
+    with pytest.raises(FROM_CHECKS, match='kernel_fn: x1 contains NaN'):
+      np.asarray(run(x, None))
+    with pytest.raises(FROM_CHECKS, match='kernel_fn: x2 contains NaN'):
+      np.asarray(run(X, x))
+    # Good input through the same function is untouched.
+    chex.assert_trees_all_close(run(X, None), kernel_fn(X, None, 'ntk'),
+                                rtol=1e-12)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_an_overflowing_kernel_raises(self):
+    """x ~ 2e19 gives input kernels ~1e38 and, after W_std^2 = 2.25, more
+    than float32 holds: the true kernel is not representable."""
+    _, _, kernel_fn = stax.serial(stax.Dense(8, W_std=1.5), stax.Relu(),
+                                  stax.Dense(1))
+    run = self.variant(lambda a: kernel_fn(a, None, 'nngp'))
+    x = (X * 2e19).astype(np.float32)
+    with pytest.raises(FROM_CHECKS, match='NaN or infinite entries'):
+      np.asarray(run(x))
+    # The same network in float64 has the kernel.
+    assert np.all(np.isfinite(run(X * 2e19)))
+
+
+def test_the_eager_overflow_error_says_what_to_do():
   _, _, kernel_fn = stax.serial(stax.Dense(8, W_std=1.5), stax.Relu(),
                                 stax.Dense(1))
-  x = (X * 2e19).astype(np.float32)
   with pytest.raises(FloatingPointError, match='overflow.*jax_enable_x64'):
-    kernel_fn(x, None, 'nngp')
-  jitted = jax.jit(kernel_fn, static_argnames='get')
-  with pytest.raises(jax.errors.JaxRuntimeError,
-                     match='FloatingPointError.*NaN or infinite'):
-    np.asarray(jitted(x, None, 'nngp'))
-  # The same network in float64 has the kernel.
-  assert np.all(np.isfinite(kernel_fn(X * 2e19, None, 'nngp')))
-
-
-def test_nan_inputs_raise_under_jit_too():
-  _, _, kernel_fn = stax.serial(stax.Dense(8), stax.Erf(), stax.Dense(1))
-  jitted = jax.jit(kernel_fn, static_argnames='get')
-  x = X.copy()
-  x[1, 2] = np.nan
-  with pytest.raises(ValueError, match='x1 contains NaN'):
-    kernel_fn(x, None, 'ntk')
-  with pytest.raises(jax.errors.JaxRuntimeError,
-                     match='ValueError: kernel_fn: x1 contains NaN'):
-    np.asarray(jitted(x, None, 'ntk'))
-  with pytest.raises(jax.errors.JaxRuntimeError,
-                     match='x2 contains NaN'):
-    np.asarray(jitted(X, x, 'ntk'))
-  # Good input through the same compiled function is untouched.
-  np.testing.assert_allclose(jitted(X, None, 'ntk'),
-                             kernel_fn(X, None, 'ntk'), rtol=1e-12)
+    kernel_fn((X * 2e19).astype(np.float32), None, 'nngp')
 
 
 K, Y = np.eye(3) + 0.5, np.ones((3, 1))
 
 
-@pytest.mark.parametrize('case, error, words', [
-    ('negative-definite', 'NotPositiveDefiniteError', 'negative diagonal'),
-    ('non-symmetric', 'ValueError', 'not symmetric'),
-    ('nan kernel', 'ValueError', 'k_train_train has NaN'),
-    ('nan targets', 'ValueError', 'y_train has NaN'),
-    ('negative t', 'ValueError', r't=-1.0 must be >= 0'),
-])
-def test_predict_checks_fire_under_jit(case, error, words):
-  k, y, t = K, Y, 1.
-  if case == 'negative-definite':
-    k = -K
-  elif case == 'non-symmetric':
-    k = K.copy()
-    k[0, 1] = 5.
-  elif case == 'nan kernel':
-    k = K.copy()
-    k[2, 2] = np.nan
-  elif case == 'nan targets':
-    y = Y * np.nan
-  else:
-    t = -1.
-  run = jax.jit(lambda k, y, t: predict.gradient_descent_mse(k, y)(t))
-  with pytest.raises(jax.errors.JaxRuntimeError, match=f'{error}.*{words}'):
-    np.asarray(run(k, y, t))
-  np.testing.assert_allclose(run(K, Y, 1.),
-                             predict.gradient_descent_mse(K, Y)(1.))
-
-
-# ---- Kernels as jit arguments (issue 17, item 5). ---------------------------
-
-NETWORKS = {
-    'mlp': lambda: stax.serial(stax.Dense(3), stax.Relu(), stax.Dense(2),
-                               stax.Erf()),
-    'quadrature': lambda: stax.serial(stax.Dense(3), stax.Tanh(),
-                                      stax.Dense(2), stax.Relu(), stax.Erf()),
-    'residual product': lambda: stax.serial(
-        stax.Dense(3), stax.FanOut(3),
-        stax.parallel(stax.Identity(), stax.Relu(), stax.Erf()),
-        stax.FanInProd(), stax.Gelu()),
-    'residual sum': lambda: stax.serial(
-        stax.Dense(3), stax.Relu(), stax.FanOut(2),
-        stax.parallel(stax.Identity(), stax.serial(stax.Dense(3),
-                                                   stax.Relu())),
-        stax.FanInSum(), stax.Dense(2), stax.Tanh()),
-    'conv': lambda: stax.serial(stax.Conv(3, (2, 2)), stax.Relu(),
-                                stax.GlobalAvgPool(), stax.Dense(1)),
+PREDICT_CASES = {
+    'negative-definite': (-K, Y, 1., 'negative diagonal'),
+    'non-symmetric': (K + np.triu(np.full((3, 3), 4.5), 1), Y, 1.,
+                      'not symmetric'),
+    'nan kernel': (np.where(np.eye(3, dtype=bool)[::-1], np.nan, K), Y, 1.,
+                   'k_train_train has NaN'),
+    'nan targets': (K, Y * np.nan, 1., 'y_train has NaN'),
+    'negative t': (K, Y, -1., r't=-1.0 must be >= 0'),
 }
 
 
-@pytest.mark.parametrize('name', sorted(NETWORKS))
-def test_a_kernel_argument_traces_once_per_shape(name):
-  """A Kernel's pytree structure is the same on every call of one network
-  (field ids compared without their call, elementwise maps by structure),
-  so a jitted function of a Kernel traces once; before, every call's fresh
-  ids retraced it."""
-  _, _, kernel_fn = NETWORKS[name]()
-  x = np.ones((2, 3, 3, 2)) if name == 'conv' else np.ones((2, 4))
-  traces = []
+class PredictChecksTest(chex.TestCase):
+  """predict's input checks, with and without jit."""
 
-  @jax.jit
-  def total(kernel):
-    traces.append(1)
-    return kernel.nngp.sum() + kernel.ntk.sum()
-
-  values = [float(total(kernel_fn(x * s))) for s in (1., 2., 3.)]
-  assert len(traces) == 1
-  # The compiled function computes each call's own kernel.
-  for s, value in zip((1., 2., 3.), values):
-    kernel = kernel_fn(x * s)
-    assert value == pytest.approx(float(kernel.nngp.sum() + kernel.ntk.sum()),
-                                  rel=1e-12)
-
-
-def test_fields_keep_their_identity_within_a_call():
-  """Numbering fields per call must keep the kernel maps' bookkeeping: two
-  Dense layers on parallel branches are independent fields (the variance of
-  their sum is the sum of their variances), one Dense layer copied by
-  FanOut is one field (a sum of two copies: 4x the variance). (A list of
-  Kernels from different calls cannot be passed to kernel_fn, so fields of
-  two calls never meet.)"""
-  x = np.ones((1, 4))
-  dense = lambda: stax.Dense(1, W_std=1., b_std=0.)
-  _, _, independent = stax.serial(stax.FanOut(2),
-                                  stax.parallel(dense(), dense()),
-                                  stax.FanInSum(), stax.Relu())
-  # Relu of N(0, 2): E[relu^2] = 2 / 2 = 1.
-  assert float(independent(x, None, 'nngp')[0, 0]) == pytest.approx(
-      1., rel=1e-12)
-  _, _, same = stax.serial(dense(), stax.FanOut(2), stax.FanInSum(),
-                           stax.Relu())
-  # Relu of 2 z, z ~ N(0, 1): E[relu^2] = 4 / 2 = 2.
-  assert float(same(x, None, 'nngp')[0, 0]) == pytest.approx(2., rel=1e-12)
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_bad_input_raises(self):
+    run = self.variant(
+        lambda k, y, t: predict.gradient_descent_mse(k, y)(t))
+    for name, (k, y, t, words) in PREDICT_CASES.items():
+      with self.subTest(name), pytest.raises(
+          FROM_CHECKS + (predict.solvers.NotPositiveDefiniteError,),
+          match=words):
+        np.asarray(run(k, y, t))
+    chex.assert_trees_all_close(run(K, Y, 1.),
+                                predict.gradient_descent_mse(K, Y)(1.))
