@@ -19,7 +19,9 @@ This is the lowest layer of the package: it imports nothing from ntkjax.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from typing import Callable, Union
 
 import jax
@@ -27,10 +29,29 @@ import jax.numpy as jnp
 import numpy as np
 
 
+_suspended = threading.local()
+
+
 def enabled() -> bool:
-  """Whether checks on traced values are staged (NTKJAX_RUNTIME_CHECKS)."""
+  """Whether checks on traced values are staged (NTKJAX_RUNTIME_CHECKS, and
+  not inside `suspended`)."""
+  if getattr(_suspended, 'depth', 0):
+    return False
   return os.environ.get('NTKJAX_RUNTIME_CHECKS', '1') not in ('0', 'false',
                                                               'False')
+
+
+@contextlib.contextmanager
+def suspended():
+  """Stage no checks while tracing inside: for callers that check the
+  results themselves and explain them better (hyper.fit names the
+  hyperparameter whose gradient is NaN; an L-BFGS line search may try
+  values whose kernel is not finite and step back)."""
+  _suspended.depth = getattr(_suspended, 'depth', 0) + 1
+  try:
+    yield
+  finally:
+    _suspended.depth -= 1
 
 
 def is_traced(*values) -> bool:

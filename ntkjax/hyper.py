@@ -54,6 +54,7 @@ import jax.scipy.linalg as jsl
 import numpy as np
 import optax
 
+from ntkjax import _runtime_checks as runtime_checks
 from ntkjax import predict
 
 __all__ = ['FitResult', 'fit', 'log_marginal_likelihood']
@@ -383,11 +384,15 @@ def _step(builder: Callable, choice: tuple, get: str, absolute: bool,
 
   @jax.jit
   def step(u, state, fixed, x, y):
-    value_fn = lambda u: objective(u, fixed, x, y)
-    value, grad = optax.value_and_grad_from_state(value_fn)(u, state=state)
-    updates, state = optimizer.update(grad, state, u, value=value, grad=grad,
-                                      value_fn=value_fn)
-    return optax.apply_updates(u, updates), state, value, grad
+    # No run-time checks inside (traced with them suspended): the line
+    # search may try values whose kernel is not finite and step back, and
+    # `_run` names a hyperparameter whose gradient is NaN itself.
+    with runtime_checks.suspended():
+      value_fn = lambda u: objective(u, fixed, x, y)
+      value, grad = optax.value_and_grad_from_state(value_fn)(u, state=state)
+      updates, state = optimizer.update(grad, state, u, value=value,
+                                        grad=grad, value_fn=value_fn)
+      return optax.apply_updates(u, updates), state, value, grad
   return optimizer, step
 
 

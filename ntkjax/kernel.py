@@ -238,15 +238,25 @@ def _structural(value):
 
 def _register(cls, data_fields: list, meta_fields: list):
   """Register a dataclass as a pytree whose metadata is a `_Static`."""
+  keys = [jax.tree_util.GetAttrKey(f) for f in data_fields]
+
+  def static_of(obj):
+    return _Static(tuple(getattr(obj, f) for f in meta_fields))
+
   def flatten(obj):
-    return ([getattr(obj, f) for f in data_fields],
-            _Static(tuple(getattr(obj, f) for f in meta_fields)))
+    return [getattr(obj, f) for f in data_fields], static_of(obj)
+
+  def flatten_with_keys(obj):
+    # Named keys, as register_dataclass gives: paths read `.ntk` etc.
+    return ([(key, getattr(obj, f)) for key, f in zip(keys, data_fields)],
+            static_of(obj))
 
   def unflatten(static, children):
     return cls(**dict(zip(data_fields, children)),
                **dict(zip(meta_fields, static.values)))
 
-  jax.tree_util.register_pytree_node(cls, flatten, unflatten)
+  jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten,
+                                          flatten)
 
 
 @dataclasses.dataclass(frozen=True)

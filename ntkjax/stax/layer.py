@@ -135,8 +135,16 @@ def zero_masked_outputs(y, mask):
 # Inputs -> Kernel.
 
 
-def _canonical_inputs(x1, x2):
-  """Validate raw inputs; return float arrays."""
+def _canonical_inputs(x1, x2, mask_constant=None):
+  """Validate raw inputs; return float arrays. With mask_constant=NaN, NaN
+  entries are padding (masked), so only infinite entries are refused."""
+  def any_bad(a):
+    if mask_constant is None:
+      return np.any(~np.isfinite(a)) if is_concrete(a) else jnp.any(
+          ~jnp.isfinite(a))
+    return jnp.any(jnp.where(jnp.isnan(mask_constant), jnp.isinf(a),
+                             ~jnp.isfinite(a)))
+
   def as_float(x, name):
     if not hasattr(x, 'shape'):
       x = np.asarray(x)
@@ -152,12 +160,12 @@ def _canonical_inputs(x1, x2):
     # numpy, not jnp: a concrete array captured by an outer jit is checked
     # here, while jnp.isfinite of it would be traced. Traced inputs are
     # checked when the compiled program runs.
-    if is_concrete(x):
-      if not bool(np.all(np.isfinite(np.asarray(x)))):
+    bad = any_bad(np.asarray(x) if is_concrete(x) else x)
+    if is_concrete(bad):
+      if bool(bad):
         raise ValueError(message)
     else:
-      runtime_checks.fail_if(runtime_checks.any_not_finite(x), ValueError,
-                             message)
+      runtime_checks.fail_if(bad, ValueError, message)
     return x
 
   x1 = as_float(x1, 'x1')
@@ -175,8 +183,8 @@ def _canonical_inputs(x1, x2):
 
 
 def _power_of_two_scaled(x):
-  """(x / s, s) with s the power of two at or below max |x| (1 if that is 0
-  or subnormal): dividing by a power of two is exact.
+  """(x / s, s) with s the power of two at or below max |x| where products
+  of entries could overflow (else 1): dividing by a power of two is exact.
 
   s is max |x| with its mantissa bits cleared, two bit operations
   (jnp.frexp / ldexp added ~0.3 s to the compile time of a small network).
@@ -188,7 +196,13 @@ def _power_of_two_scaled(x):
   scale = jax.lax.bitcast_convert_type(
       jax.lax.bitcast_convert_type(largest, bits) & exponent_mask,
       largest.dtype)
-  scale = jnp.where(scale > 0, scale, jnp.ones((), largest.dtype))
+  # Only inputs whose products could overflow are scaled: other kernels keep
+  # exactly the arithmetic they had (blocked and unblocked kernels agree to
+  # the last bit, which a scale that differs per block would not keep).
+  channels = x.shape[-1]
+  needs_scale = largest > np.sqrt(info.max / channels) / 4
+  scale = jnp.where(needs_scale & (scale > 0), scale,
+                    jnp.ones((), largest.dtype))
   return x / scale, scale
 
 
@@ -458,7 +472,7 @@ class KernelFn:
       # bool('no') is True: a string or number would silently mean True.
       raise TypeError(f'{self.name}.kernel_fn: diagonal_spatial must be True, '
                       f'False or None, got {diagonal_spatial!r}.')
-    x1, x2 = _canonical_inputs(x1, x2)
+    x1, x2 = _canonical_inputs(x1, x2, mask_constant)
     pattern = _canonical_pattern(pattern, x1, x2)
     diagonal = self.input_diagonal(bool(diagonal_spatial))
     if get is not None and _pair_blocks(x1, x2, diagonal) is not None:
@@ -583,6 +597,10 @@ class KernelFn:
       else:
         a = a[:, 0].reshape((r2 * b2,) + a.shape[3:])[:n2]
       result[name] = a
+    if x2_given is None and 'cov1' in result and 'cov2' in result:
+      # One batch: its second variances are its first, bit for bit (the
+      # row and column blocks compute them in differently fused programs).
+      result['cov2'] = result['cov1']
     if isinstance(get, str):
       return result[get]
     return _kernels_tuple(names)(*(result[name] for name in names))
