@@ -24,22 +24,25 @@ def _concrete(*values) -> bool:
 
 
 def _check_traced_kernel(k, name: str, who: str):
-  """`check_kernel`'s three checks, staged to run with the program."""
+  """`check_kernel`'s three checks, staged to run with the program; returns
+  k tied to them."""
   tol = jnp.sqrt(jnp.finfo(k.dtype).eps) * jnp.max(jnp.abs(k))
-  runtime_checks.fail_if(runtime_checks.any_not_finite(k), ValueError,
-                         f'{who}: {name} has NaN or infinite entries; '
-                         'recompute it (float64 for large inputs).')
+  k = runtime_checks.fail_if(runtime_checks.any_not_finite(k), ValueError,
+                             f'{who}: {name} has NaN or infinite entries; '
+                             'recompute it (float64 for large inputs).',
+                             keep=k)
   asymmetry = jnp.max(jnp.abs(k - k.T))
-  runtime_checks.fail_if(
+  k = runtime_checks.fail_if(
       asymmetry > tol, ValueError,
       lambda a: f'{who}: {name} is not symmetric (max |K - K^T| = {a:.3g}); '
-      'a train-train kernel is K(x, x): compute it with x2=None.', asymmetry)
+      'a train-train kernel is K(x, x): compute it with x2=None.', asymmetry,
+      keep=k)
   lowest = jnp.min(jnp.diagonal(k))
-  runtime_checks.fail_if(
+  return runtime_checks.fail_if(
       lowest < -tol, solvers.NotPositiveDefiniteError,
       lambda low: f'{who}: {name} has a negative diagonal entry ({low:.3g}); '
       'a kernel is positive semidefinite (check its sign and its layout).',
-      lowest)
+      lowest, keep=k)
 
 
 def check_nonnegative(who: str, **values):
@@ -52,13 +55,13 @@ def check_nonnegative(who: str, **values):
 def check_kernel(k, name: str, who: str):
   """k (N, N) in memory: finite, symmetric to sqrt(eps) of its largest
   entry (blocked float32 computations differ by rounding), diagonal >= 0
-  (a negative-definite or sign-flipped kernel has a negative diagonal)."""
+  (a negative-definite or sign-flipped kernel has a negative diagonal).
+  Returns k (under jit, tied to the checks: use the returned value)."""
   if not hasattr(k, 'shape') or len(k.shape) != 2:
-    return
+    return k
   if not _concrete(k):
-    if k.size:
-      _check_traced_kernel(k, name, who)
-    return
+    return _check_traced_kernel(k, name, who) if k.size else k
+  checked = k
   k = np.asarray(k)
   if not np.all(np.isfinite(k)):
     raise ValueError(f'{who}: {name} has NaN or infinite entries; recompute '
@@ -76,29 +79,31 @@ def check_kernel(k, name: str, who: str):
     raise solvers.NotPositiveDefiniteError(
         f'{who}: {name} has a negative diagonal entry ({lowest:.3g}); a '
         'kernel is positive semidefinite (check its sign and its layout).')
+  return checked
 
 
 def check_targets(y, who: str):
-  """Training targets (or initial outputs) are finite."""
+  """Training targets (or initial outputs) are finite; returns y."""
   message = f'{who}: y_train has NaN or infinite entries.'
   if not _concrete(y):
-    runtime_checks.fail_if(runtime_checks.any_not_finite(y), ValueError,
-                           message)
-  elif not np.all(np.isfinite(np.asarray(y))):
+    return runtime_checks.fail_if(runtime_checks.any_not_finite(y),
+                                  ValueError, message, keep=y)
+  if not np.all(np.isfinite(np.asarray(y))):
     raise ValueError(message)
+  return y
 
 
 def check_times(t, who: str):
-  """Times are >= 0 and not NaN (None means t = inf)."""
+  """Times are >= 0 and not NaN (None means t = inf); returns t."""
   if t is None:
-    return
+    return t
   if not _concrete(t):
-    runtime_checks.fail_if(
+    return runtime_checks.fail_if(
         ~(jnp.asarray(t) >= 0), ValueError,
         lambda ts: f'{who}: t={ts} must be >= 0 (None for t = inf); '
-        'training runs forward from t = 0.', jnp.asarray(t))
-    return
+        'training runs forward from t = 0.', jnp.asarray(t), keep=t)
   ts = np.asarray(t, dtype=float)
   if np.any(np.isnan(ts)) or np.any(ts < 0):
     raise ValueError(f'{who}: t={t!r} must be >= 0 (None for t = inf); '
                      'training runs forward from t = 0.')
+  return t

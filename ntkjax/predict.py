@@ -378,8 +378,8 @@ def gradient_descent_mse(k_train_train, y_train, learning_rate: float = 1.,
   k, kept = layout.kernel_to_matrix(_field(k_train_train, 'ntk', who),
                                     'k_train_train',
                                     rows=layout.train_rows)
-  checks.check_kernel(k, 'k_train_train', who)
-  checks.check_targets(y_train, who)
+  k = checks.check_kernel(k, 'k_train_train', who)
+  y_train = checks.check_targets(y_train, who)
   iterative = _iterative(solver, k, who)
   if iterative is not None:
     return iterative_predict.gradient_descent_mse(
@@ -395,7 +395,7 @@ def gradient_descent_mse(k_train_train, y_train, learning_rate: float = 1.,
       lambda k: jnp.full_like(k, jnp.nan))   # 'eigh': the min-norm path
 
   def predict_fn(t=None, fx_train_0=0., fx_test_0=None, k_test_train=None):
-    checks.check_times(t, who)
+    t = checks.check_times(t, who)
     if fx_test_0 is not None and k_test_train is None:
       raise ValueError(f'{who}: fx_test_0 was given without k_test_train; '
                        'pass the test-train kernel too.')
@@ -505,8 +505,7 @@ def gp_inference(k_train_train, y_train, diag_reg: float = 0.,
   checks.check_nonnegative(who, diag_reg=diag_reg)
   _checked_solver(solver, who)
   layout = _Layout(y_train, trace_axes, who)
-  y_train = jnp.asarray(y_train)
-  checks.check_targets(y_train, who)
+  y_train = checks.check_targets(jnp.asarray(y_train), who)
   solves, matrices = {}, {}
 
   def matrix(name):
@@ -515,7 +514,7 @@ def gp_inference(k_train_train, y_train, diag_reg: float = 0.,
       k, _ = layout.kernel_to_matrix(_field(k_train_train, name, who),
                                      f'k_train_train.{name}',
                                      rows=layout.train_rows)
-      checks.check_kernel(k, f'k_train_train.{name}', who)
+      k = checks.check_kernel(k, f'k_train_train.{name}', who)
       settings = _iterative(solver, k, who)
       if settings is None:
         matrices[name] = k
@@ -607,8 +606,7 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train,
   checks.check_nonnegative(who, learning_rate=learning_rate, diag_reg=diag_reg)
   _checked_solver(solver, who)
   layout = _Layout(y_train, trace_axes, who)
-  y_train = jnp.asarray(y_train)
-  checks.check_targets(y_train, who)
+  y_train = checks.check_targets(jnp.asarray(y_train), who)
   size = y_train.size
   cache = {}
 
@@ -621,7 +619,8 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train,
         mats[name], _ = layout.kernel_to_matrix(getattr(both, name),
                                                 f'kernel_fn(x_train).{name}',
                                                 rows=layout.train_rows)
-        checks.check_kernel(mats[name], f'kernel_fn(x_train).{name}', who)
+        mats[name] = checks.check_kernel(
+            mats[name], f'kernel_fn(x_train).{name}', who)
       cache['kernels'] = mats
     return cache['kernels']
 
@@ -641,7 +640,7 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train,
 
   def predict_fn(t=None, x_test=None, get=None, compute_cov: bool = False,
                  **kernel_fn_test_test_kwargs):
-    checks.check_times(t, who)
+    t = checks.check_times(t, who)
     gets = _gets(get)
     if 'ntkgp' in gets:
       raise ValueError(f"{who}: get='ntkgp' is not a training dynamics; use "

@@ -165,7 +165,7 @@ def _canonical_inputs(x1, x2, mask_constant=None):
       if bool(bad):
         raise ValueError(message)
     else:
-      runtime_checks.fail_if(bad, ValueError, message)
+      x = runtime_checks.fail_if(bad, ValueError, message, keep=x)
     return x
 
   x1 = as_float(x1, 'x1')
@@ -482,13 +482,12 @@ class KernelFn:
       out = select(self._outputs(x1, x2, diagonal, bool(diagonal_spatial),
                                  pattern=pattern,
                                  mask_constant=mask_constant), get)
-    self._check_finite(out, x1.dtype)
-    return out
+    return self._check_finite(out, x1.dtype)
 
   def _check_finite(self, out, dtype):
-    """Finite inputs (checked before) must give a finite kernel: a NaN or
-    infinite entry is an overflow (or a custom kernel function's NaN), and
-    is reported instead of returned."""
+    """`out`, checked: finite inputs (checked before) must give a finite
+    kernel; a NaN or infinite entry is an overflow (or a custom kernel
+    function's NaN), and is reported instead of returned."""
     if isinstance(out, Kernel) or (isinstance(out, (tuple, list)) and out
                                    and isinstance(out[0], Kernel)):
       kernels = [out] if isinstance(out, Kernel) else list(out)
@@ -497,7 +496,7 @@ class KernelFn:
       arrays = [out] if hasattr(out, 'shape') else list(out)
     arrays = [a for a in arrays if hasattr(a, 'shape')]
     largest = float(jnp.finfo(dtype).max)
-    runtime_checks.fail_if(
+    return runtime_checks.fail_if(
         runtime_checks.any_not_finite(*arrays), FloatingPointError,
         f'{self.name}.kernel_fn: the kernel has NaN or infinite entries '
         f'although the inputs are finite. In {jnp.dtype(dtype).name} '
@@ -506,7 +505,7 @@ class KernelFn:
         'so). Rescale the inputs or W_std, or compute in float64 '
         "(jax.config.update('jax_enable_x64', True) before creating "
         'arrays). A custom Elementwise nngp_fn returning NaN also ends '
-        'here.')
+        'here.', keep=out)
 
   def _outputs(self, x1, x2, diagonal: bool, diagonal_output: bool,
                sample_ids=None, pattern=(None, None),
