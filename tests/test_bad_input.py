@@ -138,6 +138,22 @@ CATALOGUE = {
     'gradient_descent_mse learning_rate=-1': (
         lambda: predict.gradient_descent_mse(K, Y, learning_rate=-1.),
         ValueError, 'learning_rate must be >= 0'),
+    # A kernel past float32's range: inf/NaN before, now a clear error.
+    'kernel_fn overflowing float32': (
+        lambda: stax.serial(stax.Dense(3, W_std=1.5), stax.Relu(),
+                            stax.Dense(1))[2](
+                                (X * 3e19).astype(jnp.float32), None, 'nngp'),
+        FloatingPointError, 'overflow'),
+    # A nonlinear branch beside a per-sample rescaling of the same field.
+    'Relu(z) + LayerNorm(z)': (
+        lambda: stax.serial(stax.Dense(3), stax.FanOut(2), stax.parallel(
+            stax.Relu(), stax.LayerNorm()), stax.FanInSum())[2](X, None,
+                                                              'nngp'),
+        ValueError, 'FanInSum: its branches are one Gaussian field scaled'),
+    # NaN inputs are padding only with mask_constant=NaN.
+    'kernel_fn(NaN inputs)': (
+        lambda: stax.Dense(1)[2](X.at[0, 0].set(NAN), None, 'nngp'),
+        ValueError, 'x1 contains NaN'),
 }
 
 
