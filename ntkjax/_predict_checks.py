@@ -11,7 +11,6 @@ against the O(N^3) factorization that follows.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
