@@ -10,7 +10,7 @@ import pytest
 
 from conftest import assert_monte_carlo_close, monte_carlo
 from ntkjax import stax
-from ntkjax.stax import dual
+from ntkjax.stax import dual, quadrature
 
 WIDTH = 512
 
@@ -108,7 +108,7 @@ def test_hermite_is_exact_for_any_variance(inputs):
   fn = lambda x: (x**3 - 3 * x) / jnp.sqrt(6.)
   q = net.kernel_fn(x1, None, 'cov1')
   cov_pre = stax.Dense(1, W_std=2.0).kernel_fn(x1, None, 'cov1')
-  np.testing.assert_allclose(q, dual.expect_1d(lambda x: fn(x)**2, cov_pre, 40),
+  np.testing.assert_allclose(q, quadrature.expect_1d(lambda x: fn(x)**2, cov_pre, 40),
                              rtol=1e-10)
 
 

@@ -188,9 +188,9 @@ def test_chi1_is_the_slope_of_the_correlation_map_at_one(w_std, b_std):
   # Price's theorem: dC/dc = W^2 E[phi'(u) phi'(v)] q* / Q(q*), = chi1 at
   # c = 1. Erf has separate closed forms for E[phi phi] (arcsin) and
   # E[phi' phi'] (1 / sqrt(det)), so this checks one against the other.
-  # (Not done for quadrature layers: the polar rule's error is ~linear in
-  # theta = arccos(c), not smooth at c = 1, so differences of C there do
-  # not converge to the rule's E[phi'^2].)
+  # (Not done for quadrature layers: the rule's panels move with c, as
+  # they scale with sqrt(1 - c^2), so its error is not smooth at c = 1 and
+  # differences of C there do not converge to the rule's E[phi'^2].)
   chi1 = float(signal.chi1(ERF, w_std, b_std))
   assert abs(_one_sided_slope_at_one(ERF, w_std, b_std) - chi1) < 1e-7
 

@@ -2,8 +2,8 @@
 
 Each layer applies `phi` in the finite network; its kernel map is
 `features.apply_elementwise`, which uses the closed forms of `dual.py` when
-`phi` acts directly on a Gaussian field, and quadrature (polar, split at the
-kinks) of the composed map otherwise (e.g. `Relu` followed by `Erf`).
+`phi` acts directly on a Gaussian field, and quadrature (`quadrature.py`:
+split at the kinks, scaled to each variance) of the composed map otherwise (e.g. `Relu` followed by `Erf`).
 
 | layer                    | phi(x)                               | kernel       |
 |--------------------------|--------------------------------------|--------------|
@@ -279,9 +279,12 @@ def ElementwiseNumerical(fn: Callable, deg: int = dual.DEFAULT_QUADRATURE_DEGREE
 
   Args:
     fn: elementwise function (jnp).
-    deg: quadrature degree (cost 2 deg^2 evaluations per kernel entry). The
-      rule is split where the arguments cross 0, so functions smooth away
-      from 0 (including kinks at 0, like ReLU) converge spectrally.
+    deg: quadrature degree (`quadrature.expect_2d`). At the default 24,
+      fn at ~112 and its pair at ~2070 points per kernel entry; node counts
+      grow in proportion up to 48 (~1e-11), like sqrt(deg) beyond. The
+      rule is split where the arguments cross 0 and scaled to each entry's
+      variance, so functions smooth away from 0 (including kinks at 0,
+      like ReLU) converge spectrally at any variance.
     df: its derivative; default `jax.jvp` of `fn`.
   """
   if not isinstance(deg, (int, np.integer)) or deg < 1:

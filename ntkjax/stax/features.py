@@ -36,7 +36,7 @@ from typing import Callable, Optional, Sequence
 import jax.numpy as jnp
 
 from ntkjax.kernel import Kernel, Source, Spatial, Term, new_source_id
-from ntkjax.stax import dual
+from ntkjax.stax import dual, quadrature
 
 
 class KernelError(ValueError):
@@ -272,16 +272,16 @@ def term_of(source: Source, fn: Fn) -> Term:
         mean1=None, mean2=None, source=source, fn=fn, components=components,
         spatial=spatial)
 
-  d_fn = dual.derivative(fn)
+  d_fn = quadrature.derivative(fn)
   square = lambda x: fn(x)**2
   degree_1d = max(fn.degree, 64)  # 1-d rules are cheap: use more nodes.
-  pairwise = lambda c12, c11, c22: dual.expect_2d(fn, fn, c12, c11, c22,
+  pairwise = lambda c12, c11, c22: quadrature.expect_2d(fn, fn, c12, c11, c22,
                                                   fn.degree)
-  variance = lambda cov: dual.expect_1d(square, cov, degree_1d)
+  variance = lambda cov: quadrature.expect_1d(square, cov, degree_1d)
   cov1 = own_covariance(source.cov1, var1, pairwise, variance)
   return Term(
-      nngp=dual.expect_2d(fn, fn, k12, k11, k22, fn.degree),
-      ntk=source.ntk * dual.expect_2d(d_fn, d_fn, k12, k11, k22, fn.degree),
+      nngp=quadrature.expect_2d(fn, fn, k12, k11, k22, fn.degree),
+      ntk=source.ntk * quadrature.expect_2d(d_fn, d_fn, k12, k11, k22, fn.degree),
       cov1=cov1,
       cov2=cov1 if symmetric else own_covariance(source.cov2, var2, pairwise,
                                                  variance),
@@ -311,8 +311,8 @@ def term_means(term: Term):
         'unknown, and combining it with other branches needs it. Pass fn= to '
         'Elementwise as well.')
   degree_1d = max(fn.degree, 64)
-  return (dual.expect_1d(fn, var1, degree_1d),
-          dual.expect_1d(fn, var2, degree_1d))
+  return (quadrature.expect_1d(fn, var1, degree_1d),
+          quadrature.expect_1d(fn, var2, degree_1d))
 
 
 def _components(items) -> frozenset:
