@@ -89,6 +89,17 @@ CATALOGUE = {
                       r'Tanh\(\): deg=2.5 must be an int'),
     'Dense(W_std=nan)': (lambda: stax.Dense(3, W_std=NAN), ValueError,
                          'W_std=nan must be a finite number'),
+    # The affine primitive (Dense, Conv, ConvTranspose, ConvLocal).
+    "Dense(parameterization='NTK')": (
+        lambda: stax.Dense(3, parameterization='NTK'), ValueError,
+        "Dense\\(3\\): parameterization must be 'ntk' or 'standard'"),
+    'Dense(s=(0, 1))': (lambda: stax.Dense(3, s=(0, 1)), ValueError,
+                        r'Dense\(3\): s=\(0, 1\) must be a pair'),
+    'ConvLocal(s=2)': (lambda: stax.ConvLocal(3, (2,), s=2), ValueError,
+                       r'ConvLocal\(3, \(2,\)\): s=2 must be a pair'),
+    'ConvTranspose(b_std=-1)': (
+        lambda: stax.ConvTranspose(3, (2,), b_std=-1.), ValueError,
+        'b_std=-1.0 must be a finite number >= 0'),
     # Combinators: an out-of-range axis used to wrap onto the channel axis.
     'FanInConcat(axis=5) kernel': (lambda: _concat_kernel(5), ValueError,
                                    'axis=5 is out of range for 2-d'),

@@ -23,8 +23,9 @@ stays pixel-diagonal: nngp'(o, o) = W_std^2 / F sum_a nngp(o s + a, o s + a)
 axes each is `f` contiguous strided slices of the padded pair flattened into
 one axis, summed in one vectorized pass (`diagonal_window_sum` says why).
 
-Standard parameterization (Sohl-Dickstein et al. 2020), as for `Dense` with
-fan-in F C: W ~ N(0, W_std^2 s0 / (F C)), z = sum W x / sqrt(s0) + b, and
+Standard parameterization (Sohl-Dickstein et al. 2020), as for `Dense` (the
+affine primitive of `affine.py`) with fan-in F C: W ~ N(0, W_std^2 s0 /
+(F C)), z = sum W x / sqrt(s0) + b, and
     ntk' = (F C / s0) (1/F) sum_a nngp(...) + W_std^2 (1/F) sum_a ntk(...)
            + [1 if there is a bias].
 """
@@ -34,14 +35,14 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
 from ntkjax.kernel import Kernel
 from ntkjax.stax import features
 from ntkjax.stax.features import KernelError
-from ntkjax.stax.layer import (Layer, check_nonnegative, layer, single_kernel,
+from ntkjax.stax.affine import Affine
+from ntkjax.stax.layer import (Layer, layer, single_kernel,
                                zero_masked_outputs)
 
 PADDINGS = ('VALID', 'SAME', 'CIRCULAR')
@@ -244,11 +245,12 @@ def channels_last_dimension_numbers(dimension_numbers, ndim: int, name: str):
 
 
 def conv_arguments(kind: str, out_chan, filter_shape, strides, padding,
-                    W_std, b_std, dimension_numbers, parameterization):
+                    W_std, b_std, dimension_numbers, parameterization, s):
   """Validated arguments of a convolution-like layer.
 
   Returns:
-    (name, filter_shape, strides, padding, lax dimension numbers).
+    (name, filter_shape, strides, padding, lax dimension numbers, the
+    layer's `Affine`).
   """
   try:
     filter_shape = tuple(filter_shape)
@@ -271,13 +273,9 @@ def conv_arguments(kind: str, out_chan, filter_shape, strides, padding,
     raise ValueError(f'{name}: strides must be {ndim} positive ints, got '
                      f'{strides!r}.')
   padding = check_padding(padding, name)
-  if parameterization not in ('ntk', 'standard'):
-    raise ValueError(f"{name}: parameterization must be 'ntk' or 'standard', "
-                     f'got {parameterization!r}.')
-  check_nonnegative(W_std, 'W_std', name)
-  check_nonnegative(b_std, 'b_std', name)
+  affine = Affine.checked(name, W_std, b_std, parameterization, s)
   dims = channels_last_dimension_numbers(dimension_numbers, ndim, name)
-  return name, filter_shape, strides, padding, dims
+  return name, filter_shape, strides, padding, dims, affine
 
 
 def check_rank(shape, ndim: int, name: str):
@@ -288,17 +286,11 @@ def check_rank(shape, ndim: int, name: str):
 
 
 def init_shared_filter(key, in_chan: int, out_chan: int, filter_shape: tuple,
-                       W_std, b_std, parameterization: str, s0):
+                       affine: Affine):
   """Parameters (w, b) of a convolution with one filter for all positions:
-  w (filter..., in, out) ~ N(0, 1) (standard parameterization: scaled by
-  W_std sqrt(s0 / (F in))), b (out,) or None."""
-  key_w, key_b = jax.random.split(key)
-  w = jax.random.normal(key_w, filter_shape + (in_chan, out_chan))
-  b = None if b_std is None else jax.random.normal(key_b, (out_chan,))
-  if parameterization == 'standard':
-    w = w * (W_std * jnp.sqrt(s0 / (math.prod(filter_shape) * in_chan)))
-    b = None if b is None else b * b_std
-  return w, b
+  w (filter..., in, out), b (out,) or None (`Affine.init`, fan-in F in)."""
+  return affine.init(key, filter_shape + (in_chan, out_chan), (out_chan,),
+                     math.prod(filter_shape) * in_chan)
 
 
 def Conv(out_chan: int, filter_shape: Sequence[int],
@@ -322,12 +314,11 @@ def Conv(out_chan: int, filter_shape: Sequence[int],
   Returns:
     A `Layer`.
   """
-  name, filter_shape, strides, padding, dims = conv_arguments(
+  name, filter_shape, strides, padding, dims, affine = conv_arguments(
       'Conv', out_chan, filter_shape, strides, padding, W_std, b_std,
-      dimension_numbers, parameterization)
+      dimension_numbers, parameterization, s)
   ndim = len(filter_shape)
   window = math.prod(filter_shape)
-  s0 = s[0]
 
   def geometry(input_shape):
     if len(input_shape) != ndim + 2:
@@ -340,7 +331,7 @@ def Conv(out_chan: int, filter_shape: Sequence[int],
   def init_fn(key, input_shape):
     sizes, _ = geometry(input_shape)
     params = init_shared_filter(key, input_shape[-1], out_chan, filter_shape,
-                                W_std, b_std, parameterization, s0)
+                                affine)
     return (input_shape[0],) + sizes + (out_chan,), params
 
   def apply_fn(params, x, mask=None, **kwargs):
@@ -355,11 +346,7 @@ def Conv(out_chan: int, filter_shape: Sequence[int],
       x = jnp.pad(x, ((0, 0),) + pads + ((0, 0),), mode='wrap')
       pads = ((0, 0),) * ndim
     y = lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=dims)
-    if parameterization == 'ntk':
-      y = y * (W_std / jnp.sqrt(window * x.shape[-1]))
-      return y if b is None else y + b_std * b
-    y = y / jnp.sqrt(s0)
-    return y if b is None else y + b
+    return affine.output(y, b, window * x.shape[-1])
 
   def kernel_map(k):
     k = single_kernel(k, name)
@@ -367,33 +354,19 @@ def Conv(out_chan: int, filter_shape: Sequence[int],
     sizes, pads = geometry(k.shape1)
     circular = padding == 'CIRCULAR'
 
-    def convolve(a):
+    def convolve(a, batch_axes):
+      del batch_axes  # the position axes are the same in nngp and cov
       for d in range(ndim):
         axes = spatial_axes(k, d)
         a = diagonal_window_sum(a, axes, sizes[d], filter_shape[d],
                                 strides[d], pads[d], circular)
       return a / window
 
-    w2 = W_std**2
-    b2 = 0. if b_std is None else b_std**2
     # Masked input positions are zeros: their covariances drop out.
-    k_nngp, k_ntk, k_cov1, k_cov2 = features.masked_arrays(k)
-    nngp_in = convolve(k_nngp)
-    nngp = w2 * nngp_in + b2
-    cov1 = w2 * convolve(k_cov1) + b2
-    cov2 = cov1 if k.x1_is_x2 and k_cov2 is k_cov1 else (
-        w2 * convolve(k_cov2) + b2)
-    # The raw inputs have no parameters: their NTK is 0, skip its pass.
-    ntk_in = 0. if k.is_input else convolve(k_ntk)
-    if parameterization == 'ntk':
-      ntk = nngp + w2 * ntk_in
-    else:
-      ntk = (window * k.channels / s0) * nngp_in + w2 * ntk_in
-      ntk = ntk if b_std is None else ntk + 1.
-    shape1 = (k.shape1[0],) + sizes + (out_chan,)
-    shape2 = (k.shape2[0],) + sizes + (out_chan,)
-    return features.gaussian_kernel(nngp, ntk, cov1, cov2, k, shape1=shape1,
-                                    shape2=shape2)
+    return affine.kernel(k, convolve, window * k.channels,
+                         (k.shape1[0],) + sizes + (out_chan,),
+                         (k.shape2[0],) + sizes + (out_chan,),
+                         arrays=features.masked_arrays(k))
 
   return layer(name, init_fn, apply_fn, kernel_map,
                mask_fn=lambda mask: window_center_mask(

@@ -52,11 +52,9 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ntkjax.kernel import Kernel
 from ntkjax.stax import features
 from ntkjax.stax.conv import (box_window_sum, check_rank, check_spatial_input,
                               conv_arguments, init_shared_filter,
@@ -64,47 +62,6 @@ from ntkjax.stax.conv import (box_window_sum, check_rank, check_spatial_input,
                               window_geometry)
 from ntkjax.stax.layer import (Layer, layer, single_kernel,
                                zero_masked_outputs)
-
-
-# ----------------------------------------------------------------------------
-# ConvTranspose and ConvLocal.
-
-
-def _affine_kernel(k: Kernel, convolve, W_std, b_std, parameterization: str,
-                   s0, window: int, out_sizes, out_chan: int,
-                   embed=None) -> Kernel:
-  """The Kernel of a convolution-like layer's output (a Gaussian field).
-
-  Args:
-    k: the input kernel.
-    convolve: `(array, batch_axes) -> (1/F) sum_a array(...)`, the layer's
-      linear map of a covariance (batch_axes 2 for nngp/ntk, 1 for cov).
-    W_std, b_std, parameterization, s0: as in `Conv`.
-    window: the filter size F (the fan-in is F C).
-    out_sizes, out_chan: the output's spatial sizes and channels.
-    embed: `(array, batch_axes) -> array` applied to the final moments
-      (ConvLocal: zeros between different positions), or None.
-  """
-  w2 = W_std**2
-  b2 = 0. if b_std is None else b_std**2
-  embed = embed or (lambda a, batch_axes: a)
-  nngp_in = convolve(k.nngp, 2)
-  nngp = w2 * nngp_in + b2
-  cov1 = embed(w2 * convolve(k.cov1, 1) + b2, 1)
-  cov2 = cov1 if k.x1_is_x2 and k.cov2 is k.cov1 else embed(
-      w2 * convolve(k.cov2, 1) + b2, 1)
-  # The raw inputs have no parameters: their NTK is 0, skip its pass.
-  ntk_in = 0. if k.is_input else convolve(k.ntk, 2)
-  if parameterization == 'ntk':
-    ntk = nngp + w2 * ntk_in
-  else:
-    ntk = (window * k.channels / s0) * nngp_in + w2 * ntk_in
-    ntk = ntk if b_std is None else ntk + 1.
-  nngp, ntk = embed(nngp, 2), embed(ntk, 2)
-  shape1 = (k.shape1[0],) + tuple(out_sizes) + (out_chan,)
-  shape2 = (k.shape2[0],) + tuple(out_sizes) + (out_chan,)
-  return features.gaussian_kernel(nngp, ntk, cov1, cov2, k, shape1=shape1,
-                                  shape2=shape2)
 
 
 def transpose_geometry(sizes: Sequence[int], window: Sequence[int],
@@ -201,13 +158,12 @@ def ConvTranspose(out_chan: int, filter_shape: Sequence[int],
   Returns:
     A `Layer`.
   """
-  name, filter_shape, strides, padding, dims = conv_arguments(
+  name, filter_shape, strides, padding, dims, affine = conv_arguments(
       'ConvTranspose', out_chan, filter_shape, strides, padding, W_std, b_std,
-      dimension_numbers, parameterization)
+      dimension_numbers, parameterization, s)
   ndim = len(filter_shape)
   window = math.prod(filter_shape)
   circular = padding == 'CIRCULAR'
-  s0 = s[0]
 
   def geometry(input_shape):
     check_rank(input_shape, ndim, name)
@@ -217,7 +173,7 @@ def ConvTranspose(out_chan: int, filter_shape: Sequence[int],
   def init_fn(key, input_shape):
     sizes, _ = geometry(input_shape)
     params = init_shared_filter(key, input_shape[-1], out_chan, filter_shape,
-                                W_std, b_std, parameterization, s0)
+                                affine)
     return (input_shape[0],) + sizes + (out_chan,), params
 
   def transpose(x, w):
@@ -247,11 +203,7 @@ def ConvTranspose(out_chan: int, filter_shape: Sequence[int],
           f'initialized for {w.shape[-2]} channels and {ndim} spatial axes.')
     x = zero_masked_outputs(x, mask)  # masked positions contribute nothing
     y = transpose(x, w)
-    if parameterization == 'ntk':
-      y = y * (W_std / jnp.sqrt(window * x.shape[-1]))
-      return y if b is None else y + b_std * b
-    y = y / jnp.sqrt(s0)
-    return y if b is None else y + b
+    return affine.output(y, b, window * x.shape[-1])
 
   def kernel_map(k):
     k = features.zero_masked(single_kernel(k, name))
@@ -266,8 +218,9 @@ def ConvTranspose(out_chan: int, filter_shape: Sequence[int],
                                     circular)
       return a / window
 
-    return _affine_kernel(k, convolve, W_std, b_std, parameterization, s0,
-                          window, sizes, out_chan)
+    return affine.kernel(k, convolve, window * k.channels,
+                         (k.shape1[0],) + sizes + (out_chan,),
+                         (k.shape2[0],) + sizes + (out_chan,))
 
   # o = o' reads the same input position at every offset: pixel-diagonal in,
   # pixel-diagonal out (the default, `keeps_layout`).
@@ -323,13 +276,12 @@ def ConvLocal(out_chan: int, filter_shape: Sequence[int],
   Returns:
     A `Layer`.
   """
-  name, filter_shape, strides, padding, dims = conv_arguments(
+  name, filter_shape, strides, padding, dims, affine = conv_arguments(
       'ConvLocal', out_chan, filter_shape, strides, padding, W_std, b_std,
-      dimension_numbers, parameterization)
+      dimension_numbers, parameterization, s)
   ndim = len(filter_shape)
   window = math.prod(filter_shape)
   circular = padding == 'CIRCULAR'
-  s0 = s[0]
   letters = 'abc'[:ndim]
 
   def geometry(input_shape):
@@ -339,14 +291,10 @@ def ConvLocal(out_chan: int, filter_shape: Sequence[int],
 
   def init_fn(key, input_shape):
     sizes, _ = geometry(input_shape)
-    in_chan = input_shape[-1]
-    key_w, key_b = jax.random.split(key)
-    w = jax.random.normal(key_w, sizes + (window * in_chan, out_chan))
-    b = None if b_std is None else jax.random.normal(key_b, sizes + (out_chan,))
-    if parameterization == 'standard':
-      w = w * (W_std * jnp.sqrt(s0 / (window * in_chan)))
-      b = None if b is None else b * b_std
-    return (input_shape[0],) + sizes + (out_chan,), (w, b)
+    fan_in = window * input_shape[-1]
+    params = affine.init(key, sizes + (fan_in, out_chan), sizes + (out_chan,),
+                         fan_in)
+    return (input_shape[0],) + sizes + (out_chan,), params
 
   def apply_fn(params, x, mask=None, **kwargs):
     w, b = params
@@ -367,11 +315,7 @@ def ConvLocal(out_chan: int, filter_shape: Sequence[int],
         precision=lax.Precision.HIGHEST)
     y = jnp.einsum(f'n{letters}i,{letters}io->n{letters}o', patches, w,
                    precision=lax.Precision.HIGHEST)
-    if parameterization == 'ntk':
-      y = y * (W_std / jnp.sqrt(window * x.shape[-1]))
-      return y if b is None else y + b_std * b
-    y = y / jnp.sqrt(s0)
-    return y if b is None else y + b
+    return affine.output(y, b, window * x.shape[-1])
 
   def kernel_map(k):
     k = features.zero_masked(single_kernel(k, name))
@@ -386,9 +330,10 @@ def ConvLocal(out_chan: int, filter_shape: Sequence[int],
                            pads[d], circular)
       return a / window
 
-    return _affine_kernel(k, convolve, W_std, b_std, parameterization, s0,
-                          window, sizes, out_chan,
-                          embed=_local_embed(k.spatial.full, sizes))
+    return affine.kernel(k, convolve, window * k.channels,
+                         (k.shape1[0],) + sizes + (out_chan,),
+                         (k.shape2[0],) + sizes + (out_chan,),
+                         embed=_local_embed(k.spatial.full, sizes))
 
   # The layout passes through: pixel-diagonal in and out before a Flatten;
   # before a pooling layer the full layout, with zeros between different

@@ -28,7 +28,6 @@ overflow float32.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Callable, Optional, Sequence
 
