@@ -100,6 +100,20 @@ CATALOGUE = {
     'ConvTranspose(b_std=-1)': (
         lambda: stax.ConvTranspose(3, (2,), b_std=-1.), ValueError,
         'b_std=-1.0 must be a finite number >= 0'),
+    # Combinators take layers; a constructor passed uncalled is named.
+    'serial(Dense(2), Relu)': (
+        lambda: stax.serial(stax.Dense(2), stax.Relu), TypeError,
+        r'serial: argument 1 is function, not a layer .*stax.Relu\(\)'),
+    'parallel(Dense(2), (f, g, h))': (
+        lambda: stax.parallel(stax.Dense(2), (len, len, len)), TypeError,
+        'parallel: argument 1 has kernel_fn .* not an ntkjax kernel_fn'),
+    'repeat(3, 2)': (lambda: stax.repeat(3, 2), TypeError,
+                     'repeat: is int, not a layer'),
+    # Layers are frozen: a changed kernel_fn would change every network
+    # that shares the layer.
+    'kernel_fn.mask_fn = ...': (
+        lambda: setattr(stax.Dense(2).kernel_fn, 'mask_fn', None),
+        AttributeError, r'Dense\(2\).kernel_fn is immutable'),
     # Combinators: an out-of-range axis used to wrap onto the channel axis.
     'FanInConcat(axis=5) kernel': (lambda: _concat_kernel(5), ValueError,
                                    'axis=5 is out of range for 2-d'),

@@ -204,3 +204,27 @@ def test_apply_fn_checks_feature_dimension(inputs):
   _, params = init_fn(jax.random.PRNGKey(0), (-1, 5))
   with pytest.raises(ValueError, match='initialized for 5'):
     apply_fn(params, x1)
+
+
+def test_layers_are_frozen_and_shareable(inputs):
+  """A Layer's fields are read by name and never change after construction;
+  a layer shared by two networks (and a pickled copy, as Dask ships it to
+  workers) keeps giving the same kernel."""
+  cloudpickle = pytest.importorskip("cloudpickle")  # dask's serializer
+  x1, x2 = inputs
+  block = stax.serial(stax.Dense(8, W_std=1.3, b_std=0.1), stax.Relu())
+  net_a = stax.serial(block, stax.Dense(1))
+  net_b = stax.serial(stax.Dense(8), block, block)
+  before = net_a.kernel_fn(x1, x2, 'ntk')
+  with pytest.raises(AttributeError, match='immutable'):
+    block.kernel_fn.kernel_map = lambda k: k
+  with pytest.raises(AttributeError, match='immutable'):
+    del block.kernel_fn.name
+  np.testing.assert_array_equal(net_a.kernel_fn(x1, x2, 'ntk'), before)
+  assert net_b.kernel_fn.name == ('serial(Dense(8), serial(Dense(8), Relu()), '
+                                  'serial(Dense(8), Relu()))')
+  copy = cloudpickle.loads(cloudpickle.dumps(stax.Dense(3).kernel_fn))
+  assert copy.name == 'Dense(3)'
+  # A plain tuple of an ntkjax layer composes like the Layer itself.
+  as_tuple = stax.serial(tuple(block), stax.Dense(1))
+  np.testing.assert_array_equal(as_tuple.kernel_fn(x1, x2, 'ntk'), before)

@@ -14,13 +14,14 @@ import jax.numpy as jnp
 from ntkjax.kernel import Kernel
 from ntkjax.stax import features
 from ntkjax.stax.features import KernelError
-from ntkjax.stax.layer import (Layer, branch_kernels, input_diagonal_of,
-                               kernel_map_of, layer, mask_fn_of, mask_of,
-                               same_shapes, zero_masked_outputs)
+from ntkjax.stax.layer import (KernelFn, Layer, as_layer, branch_kernels,
+                               layer, mask_of, same_shapes,
+                               zero_masked_outputs)
 
 
-def _layer_name(a_layer) -> str:
-  return getattr(a_layer[2], 'name', repr(a_layer[2]))
+def _layers(layers, who: str) -> tuple:
+  """The combinator's arguments as `Layer`s (clear errors otherwise)."""
+  return tuple(as_layer(l, who, i) for i, l in enumerate(layers))
 
 
 def _check_params_count(params, n_layers: int, who: str):
@@ -43,18 +44,19 @@ def serial(*layers: Layer) -> Layer:
   Returns:
     A `Layer` whose kernel map is the composition of the layers' maps.
   """
-  names = [_layer_name(l) for l in layers]
-  maps = [kernel_map_of(l) for l in layers]
+  layers = _layers(layers, 'serial')
+  names = [l.kernel_fn.name for l in layers]
+  maps = [l.kernel_fn.kernel_map for l in layers]
   name = f'serial({", ".join(names)})'
 
   def init_fn(key, input_shape):
     params = []
     for a_layer, layer_key in zip(layers, jax.random.split(key, max(len(layers), 1))):
-      input_shape, p = a_layer[0](layer_key, input_shape)
+      input_shape, p = a_layer.init_fn(layer_key, input_shape)
       params.append(p)
     return input_shape, tuple(params)
 
-  mask_fns = [mask_fn_of(l) for l in layers]
+  mask_fns = [l.kernel_fn.mask_fn for l in layers]
 
   def apply_fn(params, x, *, key=None, rng=None, mask_constant=None,
                mask=None, **kwargs):
@@ -70,9 +72,9 @@ def serial(*layers: Layer) -> Layer:
       x, mask = mask_of(x, mask_constant)
     for a_layer, mask_fn, p, layer_key in zip(layers, mask_fns, params, keys):
       if mask is None:
-        x = a_layer[1](p, x, key=layer_key, **kwargs)
+        x = a_layer.apply_fn(p, x, key=layer_key, **kwargs)
       else:
-        x = a_layer[1](p, x, key=layer_key, mask=mask, **kwargs)
+        x = a_layer.apply_fn(p, x, key=layer_key, mask=mask, **kwargs)
         mask = mask_fn(mask)
     return zero_masked_outputs(x, mask) if outermost else x
 
@@ -90,7 +92,7 @@ def serial(*layers: Layer) -> Layer:
                           f'{error}') from None
     return k
 
-  requirements = [input_diagonal_of(l) for l in layers]
+  requirements = [l.kernel_fn.input_diagonal for l in layers]
 
   def input_diagonal(output_diagonal):
     for requirement in reversed(requirements):
@@ -99,9 +101,8 @@ def serial(*layers: Layer) -> Layer:
 
   # The layers' own kernel maps set the masks; mask_fn is for enclosing
   # combinators' finite networks.
-  kernel_fn = layer(name, init_fn, apply_fn, kernel_map, input_diagonal)[2]
-  kernel_fn.mask_fn = mask_fn
-  return Layer(init_fn, apply_fn, kernel_fn)
+  return Layer(init_fn, apply_fn,
+               KernelFn(kernel_map, name, input_diagonal, mask_fn))
 
 
 def parallel(*layers: Layer) -> Layer:
@@ -113,8 +114,9 @@ def parallel(*layers: Layer) -> Layer:
   Returns:
     A `Layer` mapping n branches to n branches.
   """
-  maps = [kernel_map_of(l) for l in layers]
-  name = f'parallel({", ".join(_layer_name(l) for l in layers)})'
+  layers = _layers(layers, 'parallel')
+  maps = [l.kernel_fn.kernel_map for l in layers]
+  name = f'parallel({", ".join(l.kernel_fn.name for l in layers)})'
 
   def check(xs, what):
     if len(xs) != len(layers):
@@ -125,10 +127,10 @@ def parallel(*layers: Layer) -> Layer:
   def init_fn(key, input_shapes):
     check(input_shapes, 'input shapes')
     keys = jax.random.split(key, max(len(layers), 1))
-    outs = [l[0](k, s) for l, k, s in zip(layers, keys, input_shapes)]
+    outs = [l.init_fn(k, s) for l, k, s in zip(layers, keys, input_shapes)]
     return [o[0] for o in outs], tuple(o[1] for o in outs)
 
-  mask_fns = [mask_fn_of(l) for l in layers]
+  mask_fns = [l.kernel_fn.mask_fn for l in layers]
 
   def apply_fn(params, xs, *, key=None, rng=None, mask=None, **kwargs):
     key = rng if key is None else key  # `rng`: neural-tangents' name
@@ -137,9 +139,9 @@ def parallel(*layers: Layer) -> Layer:
     keys = ([None] * len(layers) if key is None
             else list(jax.random.split(key, len(layers))))
     if mask is None:
-      return [l[1](p, x, key=k, **kwargs)
+      return [l.apply_fn(p, x, key=k, **kwargs)
               for l, p, x, k in zip(layers, params, xs, keys)]
-    return [l[1](p, x, key=k, mask=m, **kwargs)
+    return [l.apply_fn(p, x, key=k, mask=m, **kwargs)
             for l, p, x, k, m in zip(layers, params, xs, keys, mask)]
 
   def mask_fn(masks):
@@ -152,15 +154,14 @@ def parallel(*layers: Layer) -> Layer:
                         f'{len(layers)} layers; use FanOut({len(layers)}).')
     return tuple(m(k) for m, k in zip(maps, ks))
 
-  requirements = [input_diagonal_of(l) for l in layers]
+  requirements = [l.kernel_fn.input_diagonal for l in layers]
 
   def input_diagonal(output_diagonal):
     # One layout for all branches: diagonal only if every branch allows it.
     return all(r(output_diagonal) for r in requirements)
 
-  kernel_fn = layer(name, init_fn, apply_fn, kernel_map, input_diagonal)[2]
-  kernel_fn.mask_fn = mask_fn
-  return Layer(init_fn, apply_fn, kernel_fn)
+  return Layer(init_fn, apply_fn,
+               KernelFn(kernel_map, name, input_diagonal, mask_fn))
 
 
 def repeat(a_layer: Layer, n: int) -> Layer:
@@ -173,6 +174,7 @@ def repeat(a_layer: Layer, n: int) -> Layer:
   Returns:
     A `Layer`, equivalent to `serial(*[a_layer] * n)`.
   """
+  a_layer = as_layer(a_layer, 'repeat')
   if not isinstance(n, int) or n < 0:
     raise ValueError(f'repeat: n must be an int >= 0, got {n!r}.')
   chain = serial(*([a_layer] * n))
@@ -182,12 +184,12 @@ def repeat(a_layer: Layer, n: int) -> Layer:
     output_shape, params = init_serial(key, input_shape)
     if tuple(output_shape) != tuple(input_shape):
       raise ValueError(
-          f'repeat({_layer_name(a_layer)}, {n}): the layers map shape '
+          f'repeat({a_layer.kernel_fn.name}, {n}): the layers map shape '
           f'{tuple(input_shape)} to {tuple(output_shape)}; repeat needs a '
           'layer that keeps the shape (e.g. put the first Dense outside).')
     return output_shape, params
 
-  one = kernel_map_of(a_layer)
+  one = a_layer.kernel_fn.kernel_map
   unrolled = chain.kernel_fn.kernel_map
 
   def kernel_map(k):
@@ -204,7 +206,7 @@ def repeat(a_layer: Layer, n: int) -> Layer:
     def step(arrays, _):
       out = one(features.gaussian_kernel(*arrays, first))
       if not _is_fresh_gaussian(out):
-        raise KernelError(f'repeat: {_layer_name(a_layer)} changed the kind of '
+        raise KernelError(f'repeat: {a_layer.kernel_fn.name} changed the kind of '
                           'kernel it returns between applications.')
       return (out.nngp, out.ntk, out.cov1, out.cov2), None
 
@@ -213,11 +215,10 @@ def repeat(a_layer: Layer, n: int) -> Layer:
         length=n - 1)
     return features.gaussian_kernel(*arrays, first)
 
-  kernel_fn = layer(f'repeat({_layer_name(a_layer)}, {n})', init_fn,
-                    chain.apply_fn, kernel_map,
-                    chain.kernel_fn.input_diagonal)[2]
-  kernel_fn.mask_fn = chain.kernel_fn.mask_fn
-  return Layer(init_fn, chain.apply_fn, kernel_fn)
+  return Layer(init_fn, chain.apply_fn,
+               KernelFn(kernel_map, f'repeat({a_layer.kernel_fn.name}, {n})',
+                        chain.kernel_fn.input_diagonal,
+                        chain.kernel_fn.mask_fn))
 
 
 def _is_fresh_gaussian(k) -> bool:

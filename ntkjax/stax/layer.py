@@ -434,19 +434,42 @@ class KernelFn:
     Not jitting by default keeps very deep networks cheap to call once: XLA's
     compile time grows faster than linearly with depth.
 
-  Attributes:
+  Attributes (set once, at construction; a KernelFn is immutable):
     kernel_map: the layer's `Kernel -> Kernel` map (combinators compose it).
+    name: the layer's name, used in error messages.
     input_diagonal: `output_may_be_diagonal -> input_may_be_diagonal`, the
       layer's spatial requirement (combinators compose it backwards).
+    mask_fn: how the finite network maps per-position masks of its input
+      to those of its output (combinators compose it forwards).
   """
+
+  # __weakref__: jax.jit(kernel_fn) keeps a weak reference to it.
+  __slots__ = ('kernel_map', 'name', 'input_diagonal', 'mask_fn',
+               '__weakref__')
 
   def __init__(self, kernel_map: KernelMap, name: str,
                input_diagonal: Callable[[bool], bool] = keeps_layout,
                mask_fn: Callable = same_mask):
-    self.kernel_map = kernel_map
-    self.name = name
-    self.input_diagonal = input_diagonal
-    self.mask_fn = mask_fn
+    # Frozen: layers are shared between networks (serial(block, block)), so
+    # changing one after construction would change every network using it.
+    for field, value in (('kernel_map', kernel_map), ('name', name),
+                         ('input_diagonal', input_diagonal),
+                         ('mask_fn', mask_fn)):
+      object.__setattr__(self, field, value)
+
+  def __setattr__(self, field, value):
+    raise AttributeError(
+        f'{self.name}.kernel_fn is immutable (cannot set {field!r}); build '
+        'a new layer instead.')
+
+  def __delattr__(self, field):
+    self.__setattr__(field, None)
+
+  def __reduce__(self):
+    # Pickled (Dask ships kernel_fns to workers) by its constructor, as the
+    # default slots protocol would restore the fields with __setattr__.
+    return KernelFn, (self.kernel_map, self.name, self.input_diagonal,
+                      self.mask_fn)
 
   def __call__(self, x1, x2=None, get: Get = None,
                diagonal_spatial: Optional[bool] = None, pattern=None,
@@ -645,21 +668,31 @@ def layer(name: str, init_fn: Callable, apply_fn: Callable,
                KernelFn(masked_kernel_map, name, input_diagonal, mask_fn))
 
 
-def mask_fn_of(a_layer: Layer) -> Callable:
-  """A layer's mask map (see `layer`)."""
-  return getattr(a_layer[2], 'mask_fn', same_mask)
+def as_layer(a_layer, who: str, position: Optional[int] = None) -> Layer:
+  """`a_layer` as a `Layer`, or a clear error naming the combinator.
 
+  A plain tuple `(init_fn, apply_fn, kernel_fn)` of an ntkjax layer (e.g.
+  one rebuilt by the user) is accepted; anything else is refused, because
+  a combinator needs the kernel_fn's kernel map to compose the kernels.
 
-def input_diagonal_of(a_layer: Layer) -> Callable[[bool], bool]:
-  """A layer's spatial requirement (see `KernelFn`)."""
-  kernel_fn = a_layer[2]
-  return getattr(kernel_fn, 'input_diagonal', keeps_layout)
+  Args:
+    a_layer: a `Layer` or a 3-tuple.
+    who: the combinator, for the message.
+    position: the argument's position, for the message.
 
-
-def kernel_map_of(a_layer: Layer) -> KernelMap:
-  """The kernel map of any layer (ours, or a bare callable kernel_fn)."""
-  kernel_fn = a_layer[2]
-  if isinstance(kernel_fn, KernelFn):
-    return kernel_fn.kernel_map
-  raise TypeError(f'{kernel_fn!r} is not an ntkjax kernel_fn; build layers '
-                  'with ntkjax.stax.')
+  Returns:
+    The `Layer`.
+  """
+  if isinstance(a_layer, Layer):
+    return a_layer
+  where = f'{who}: ' + ('' if position is None else f'argument {position} ')
+  if not (isinstance(a_layer, (tuple, list)) and len(a_layer) == 3):
+    raise TypeError(f'{where}is {type(a_layer).__name__}, not a layer '
+                    '(init_fn, apply_fn, kernel_fn); build layers with '
+                    'ntkjax.stax (did you pass a layer constructor without '
+                    'calling it, e.g. stax.Relu instead of stax.Relu()?).')
+  init_fn, apply_fn, kernel_fn = a_layer
+  if not isinstance(kernel_fn, KernelFn):
+    raise TypeError(f'{where}has kernel_fn {kernel_fn!r}, which is not an '
+                    'ntkjax kernel_fn; build layers with ntkjax.stax.')
+  return Layer(init_fn, apply_fn, kernel_fn)
