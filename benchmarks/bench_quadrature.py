@@ -1,4 +1,4 @@
-"""Quadrature for activations without closed forms: the rule of stax/quadrature.py against the former polar rule and a closed-form floor.
+"""Quadrature for activations without closed forms: the rule of stax/_quadrature.py against the former polar rule and a closed-form floor.
 
 `quadrature.expect_2d(f, g, k12, k11, k22, degree)` (E[f(u) g(v)] for
 (u, v) ~ N(0, [[k11, k12], [k12, k22]]), entrywise) replaced the polar rule
@@ -101,7 +101,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ntkjax  # noqa: E402
-from ntkjax.stax import dual, quadrature  # noqa: E402
+from ntkjax.stax import _dual as dual, _quadrature as quadrature  # noqa: E402
 
 DEGREE = dual.DEFAULT_QUADRATURE_DEGREE
 D = 32

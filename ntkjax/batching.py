@@ -30,7 +30,7 @@ import numpy as np
 from ntkjax.kernel import KERNEL_FIELDS
 from ntkjax.scale import executors
 from ntkjax.scale.blocks import PAIR, BlockJob
-from ntkjax.stax.layer import KernelFn
+from ntkjax.stax._layer import KernelFn
 
 
 @functools.lru_cache(maxsize=None)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp

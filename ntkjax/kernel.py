@@ -13,7 +13,7 @@ nonlinearities, or after summing branches that are not Gaussian, the kernel
 also keeps `terms`: the features are a sum of independent `Term`s, each an
 elementwise function of one Gaussian field (its `Source`). The moments of a
 nonlinearity applied to such features are then expectations over that one
-Gaussian field (see `ntkjax.stax.features`).
+Gaussian field (see `ntkjax.stax._features`).
 
 This module imports nothing else from ntkjax.
 """
@@ -198,7 +198,7 @@ class _Static:
   field ids' `call` and in the identity of elementwise maps built per call;
   jit compares pytree structures with `==`, so those would retrace on every
   call. Here field ids compare by `index` and elementwise maps by their
-  `structure` (`ntkjax.stax.features.Fn`). The values themselves are kept
+  `structure` (`ntkjax.stax._features.Fn`). The values themselves are kept
   whole for the kernel maps. A value that is not hashable (a traced scale
   inside a map) compares by identity.
   """
@@ -315,7 +315,7 @@ class Term:
     source: the field this summand is an elementwise function of; `None` when
       the summand is no longer such a function (a product of independent
       branches, a concatenation), so no further nonlinearity can be applied.
-    fn: the elementwise map (an `ntkjax.stax.features.Fn`) from the source to
+    fn: the elementwise map (an `ntkjax.stax._features.Fn`) from the source to
       this summand.
     components: ids of the Gaussian fields this summand depends on; summands
       with disjoint components are independent.

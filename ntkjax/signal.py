@@ -38,7 +38,7 @@ read off the layer's own kernel map, applied to a one-entry Gaussian
 `Kernel` with NTK 1: its NNGP is E[phi(u) phi(v)], its NTK E[phi'(u) phi'(v)]
 and its diagonal E[phi(u)^2]. A callable is wrapped as
 `stax.ElementwiseNumerical(phi)`, i.e. the library's quadrature
-(`stax.quadrature`: Gauss rules split at the kinks and scaled to each
+(`stax._quadrature`: Gauss rules split at the kinks and scaled to each
 variance; `phi'` by forward-mode autodiff) rather than tensor
 Gauss-Hermite, which converges only algebraically for kinked functions and
 loses accuracy as the variance grows. The results are as accurate as the
@@ -69,7 +69,7 @@ import numpy as np
 
 from ntkjax import _plotting, stax
 from ntkjax.kernel import Kernel
-from ntkjax.stax import features
+from ntkjax.stax import _features as features
 
 Activation = Union[stax.Layer, Callable]
 

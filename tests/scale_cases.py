@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntkjax import empirical_ntk_fn, stax
-from ntkjax.stax.dropout import Dropout
-from ntkjax.stax.graph import Aggregate
+from ntkjax.stax._dropout import Dropout
+from ntkjax.stax._graph import Aggregate
 
 FIELDS = ('nngp', 'ntk', 'cov1', 'cov2')
 PAD = -7.

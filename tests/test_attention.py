@@ -32,7 +32,7 @@ from conftest import assert_monte_carlo_close, relative_error
 
 import ntkjax
 from ntkjax import stax
-from ntkjax.stax.attention import GlobalSelfAttention, attention_weights
+from ntkjax.stax._attention import GlobalSelfAttention, attention_weights
 
 MECHANISMS = ('SOFTMAX', 'IDENTITY', 'ABS', 'RELU')
 
@@ -830,7 +830,7 @@ def test_gaussian_logit_sums_with_key_masks(mechanism):
   sums of the textbook expectations over the unmasked keys of each side
   (a masked key has logit 0: no weight, no gradient), with and without
   masks."""
-  from ntkjax.stax.attention import _gaussian_logit_sums
+  from ntkjax.stax._attention import _gaussian_logit_sums
   rng = np.random.default_rng(1)
   h = rng.standard_normal((4, 4, 6))                     # (N, P, C)
   gram = np.einsum('npc,mqc->pqnm', h, h) / 6

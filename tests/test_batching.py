@@ -16,7 +16,7 @@ import pytest
 
 from conftest import relative_error
 from ntkjax import batching, stax
-from ntkjax.stax import layer as layer_module
+from ntkjax.stax import _layer as layer_module
 
 FIELDS = ('nngp', 'ntk', 'cov1', 'cov2')
 

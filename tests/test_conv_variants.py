@@ -33,7 +33,7 @@ import ntkjax
 from conftest import (assert_monte_carlo_close, monte_carlo_structured,
                       relative_error)
 from ntkjax import stax
-from ntkjax.stax.conv_variants import ConvLocal, ConvTranspose
+from ntkjax.stax._conv_variants import ConvLocal, ConvTranspose
 from test_conv import (_Reference, _images, _init, _jit, _same_position,
                        _selections)
 

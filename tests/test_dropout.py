@@ -16,7 +16,7 @@ import pytest
 import ntkjax
 from conftest import assert_monte_carlo_close, empirical_nngp, empirical_ntk
 from ntkjax import stax
-from ntkjax.stax.dropout import Dropout
+from ntkjax.stax._dropout import Dropout
 
 
 # Blocked and unblocked runs compute the same entries in different XLA

@@ -1,6 +1,6 @@
 """Closed-form dual activations against independent numerical integration.
 
-* Smooth (entire) nonlinearities: ntkjax's quadrature (`stax.quadrature`) converges
+* Smooth (entire) nonlinearities: ntkjax's quadrature (`stax._quadrature`) converges
   spectrally, so at degree 96 it is exact to ~1e-12 relative and the closed
   forms must match to 1e-9.
 * Positively homogeneous nonlinearities (ReLU family, Sign, relu^n) have
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from ntkjax import stax
-from ntkjax.stax import dual, quadrature
+from ntkjax.stax import _dual as dual, _quadrature as quadrature
 
 # (k11, k12, k22): unequal variances, positive/negative/near-extreme correlations.
 COVARIANCES = [
@@ -257,7 +257,6 @@ def test_half_range_rule_integrates_moments_exactly(degree, power):
   moments are m_k = 2^(k/2) Gamma((k+p+1)/2) / Gamma((p+1)/2) (substitute
   t = r^2/2); checked up to k = 30, where float64 moments stay accurate."""
   from math import gamma
-  from ntkjax.stax import dual
   nodes, weights = quadrature.half_range_rule(degree, power)
   for k in range(0, 31, 3):
     exact = 2**(k / 2) * gamma((k + power + 1) / 2) / gamma((power + 1) / 2)

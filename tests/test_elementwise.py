@@ -10,7 +10,7 @@ import pytest
 
 from conftest import assert_monte_carlo_close, monte_carlo
 from ntkjax import stax
-from ntkjax.stax import dual, quadrature
+from ntkjax.stax import _dual as dual, _quadrature as quadrature
 
 WIDTH = 512
 

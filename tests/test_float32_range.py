@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ntkjax import predict, stax
-from ntkjax.stax import dual, elementwise
+from ntkjax.stax import _dual as dual, _elementwise as elementwise
 
 X = np.random.RandomState(0).randn(5, 6)
 

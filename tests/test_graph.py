@@ -17,8 +17,8 @@ from conftest import assert_monte_carlo_close, relative_error
 
 import ntkjax
 from ntkjax import stax
-from ntkjax.stax import layer as layer_module
-from ntkjax.stax.graph import Aggregate
+from ntkjax.stax import _layer as layer_module
+from ntkjax.stax._graph import Aggregate
 
 S, C = 4, 3          # vertices per graph, input channels
 FIELDS = ('nngp', 'ntk', 'cov1', 'cov2')

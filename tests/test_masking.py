@@ -209,7 +209,7 @@ def test_masked_vertices_equal_deleted_vertices():
   """A graph network with the last vertex masked is the network on the
   graph without that vertex: masked vertices send zeros through Aggregate
   and global pooling averages over the others (kernel and finite net)."""
-  from ntkjax.stax.graph import Aggregate
+  from ntkjax.stax._graph import Aggregate
   rng = np.random.default_rng(7)
   n, vertices = 3, 5
   x = rng.standard_normal((n, vertices, 2))
@@ -241,7 +241,7 @@ def test_transposed_and_local_convolutions_equal_truncation(first):
   ConvLocal ('SAME') reads zeros at masked positions like zero padding.
   Kernels (ConvLocal's finite weights depend on the length, so only the
   transposed network's outputs are compared too)."""
-  from ntkjax.stax.conv_variants import ConvLocal, ConvTranspose
+  from ntkjax.stax._conv_variants import ConvLocal, ConvTranspose
   lengths = [4, 6, 2]
   x, padded = _sequences(lengths, size=6, seed=8)
   layer = (ConvTranspose(8, (3,), strides=(2,), padding='VALID', b_std=0.1)

@@ -37,7 +37,7 @@ import pytest
 from scipy import integrate
 
 from ntkjax import stax
-from ntkjax.stax import dual, quadrature
+from ntkjax.stax import _dual as dual, _quadrature as quadrature
 
 VARIANCES = (1e-3, 0.1, 1., 10., 100., 1e3, 1e4)
 CORRELATIONS = (-1., -0.9, 0., 0.5, 0.99, 1.)

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from ntkjax.kernel import KERNEL_FIELDS
-from ntkjax.stax.layer import KernelFn
+from ntkjax.stax._layer import KernelFn
 
 # How a field's leading axes follow the block grid: 'pair' fields (nngp,
 # ntk, empirical kernels) have (rows, columns) first, 'row' fields (cov1)

@@ -221,7 +221,7 @@ class Activation:
 
 # ----------------------------------------------------------------------------
 # Closed forms. Each returns an Activation; the layer constructors in
-# `elementwise.py` wrap them.
+# `_elementwise.py` wrap them.
 
 
 def _is_zero(x) -> bool:

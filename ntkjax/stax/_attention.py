@@ -97,9 +97,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntkjax.stax import dual, features
-from ntkjax.stax.features import KernelError
-from ntkjax.stax.layer import (Layer, check_nonnegative, layer, single_kernel,
+from ntkjax.stax import _dual as dual, _features as features
+from ntkjax.stax._features import KernelError
+from ntkjax.stax._layer import (Layer, check_nonnegative, layer, single_kernel,
                                zero_masked_outputs)
 
 MECHANISMS = ('SOFTMAX', 'IDENTITY', 'ABS', 'RELU')

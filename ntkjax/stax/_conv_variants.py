@@ -1,6 +1,6 @@
 """Transposed and locally connected convolutions: `ConvTranspose`,
 `ConvLocal` (1, 2 or 3 spatial axes; `Conv` and the window geometry
-they share are in `conv.py`).
+they share are in `_conv.py`).
 
 Transposed convolution (`ConvTranspose`, `lax.conv_transpose`: the input
 dilated by the stride, s - 1 zeros between entries, then a stride-1
@@ -55,12 +55,12 @@ from typing import Optional, Sequence
 import jax.numpy as jnp
 from jax import lax
 
-from ntkjax.stax import features
-from ntkjax.stax.conv import (box_window_sum, check_rank, check_spatial_input,
+from ntkjax.stax import _features as features
+from ntkjax.stax._conv import (box_window_sum, check_rank, check_spatial_input,
                               conv_arguments, init_shared_filter,
                               spatial_axes, window_center_mask,
                               window_geometry)
-from ntkjax.stax.layer import (Layer, layer, single_kernel,
+from ntkjax.stax._layer import (Layer, layer, single_kernel,
                                zero_masked_outputs)
 
 

@@ -3,7 +3,7 @@
 
 Each composes the finite network's init/apply functions and the layers'
 kernel maps; the branch rules for the kernels (what a sum or product of
-branches does to the NNGP and NTK) live in `features.py`.
+branches does to the NNGP and NTK) live in `_features.py`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from ntkjax.kernel import Kernel
-from ntkjax.stax import features
-from ntkjax.stax.features import KernelError
-from ntkjax.stax.layer import (KernelFn, Layer, as_layer, branch_kernels,
+from ntkjax.stax import _features as features
+from ntkjax.stax._features import KernelError
+from ntkjax.stax._layer import (KernelFn, Layer, as_layer, branch_kernels,
                                layer, mask_of, same_shapes,
                                zero_masked_outputs)
 

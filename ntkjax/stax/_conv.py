@@ -1,5 +1,5 @@
 """Convolutions: `Conv` in 1, 2 or 3 spatial dimensions (`ConvTranspose` and
-`ConvLocal` are in `conv_variants.py`).
+`ConvLocal` are in `_conv_variants.py`).
 
 Finite network (NTK parameterization, the default; Novak et al. 2019,
 Arora et al. 2019): for an input x of shape (N, S_1, ..., S_s, C) and a
@@ -24,7 +24,7 @@ axes each is `f` contiguous strided slices of the padded pair flattened into
 one axis, summed in one vectorized pass (`diagonal_window_sum` says why).
 
 Standard parameterization (Sohl-Dickstein et al. 2020), as for `Dense` (the
-affine primitive of `affine.py`) with fan-in F C: W ~ N(0, W_std^2 s0 /
+affine primitive of `_affine.py`) with fan-in F C: W ~ N(0, W_std^2 s0 /
 (F C)), z = sum W x / sqrt(s0) + b, and
     ntk' = (F C / s0) (1/F) sum_a nngp(...) + W_std^2 (1/F) sum_a ntk(...)
            + [1 if there is a bias].
@@ -39,10 +39,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from ntkjax.kernel import Kernel
-from ntkjax.stax import features
-from ntkjax.stax.features import KernelError
-from ntkjax.stax.affine import Affine
-from ntkjax.stax.layer import (Layer, layer, single_kernel,
+from ntkjax.stax import _features as features
+from ntkjax.stax._features import KernelError
+from ntkjax.stax._affine import Affine
+from ntkjax.stax._layer import (Layer, layer, single_kernel,
                                zero_masked_outputs)
 
 PADDINGS = ('VALID', 'SAME', 'CIRCULAR')

@@ -1,8 +1,8 @@
 """Elementwise nonlinearities, with their NNGP and NTK.
 
 Each layer applies `phi` in the finite network; its kernel map is
-`features.apply_elementwise`, which uses the closed forms of `dual.py` when
-`phi` acts directly on a Gaussian field, and quadrature (`quadrature.py`:
+`features.apply_elementwise`, which uses the closed forms of `_dual.py` when
+`phi` acts directly on a Gaussian field, and quadrature (`_quadrature.py`:
 split at the kinks, scaled to each variance) of the composed map otherwise (e.g. `Relu` followed by `Erf`).
 
 | layer                    | phi(x)                               | kernel       |
@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntkjax.stax import dual, features
-from ntkjax.stax.layer import Layer, layer, single_kernel
+from ntkjax.stax import _dual as dual, _features as features
+from ntkjax.stax._layer import Layer, layer, single_kernel
 
 
 def _finite(layer_name: str, **values) -> list:

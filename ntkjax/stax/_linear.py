@@ -1,6 +1,6 @@
 """Affine layers: `Dense` and `Identity`.
 
-Dense is the affine primitive (`affine.py`: NTK or standard
+Dense is the affine primitive (`_affine.py`: NTK or standard
 parameterization, fan-in = input channels) with the identity as its
 covariance map:
     NTK:       z = W_std / sqrt(n_in) * x W + b_std * b,
@@ -11,8 +11,8 @@ covariance map:
 
 from __future__ import annotations
 
-from ntkjax.stax.affine import Affine, same_array
-from ntkjax.stax.layer import Layer, layer, single_kernel
+from ntkjax.stax._affine import Affine, same_array
+from ntkjax.stax._layer import Layer, layer, single_kernel
 
 
 def Dense(out_dim: int, W_std=1., b_std=None, batch_axis: int = 0,
@@ -27,7 +27,7 @@ def Dense(out_dim: int, W_std=1., b_std=None, batch_axis: int = 0,
     b_std: bias standard deviation; None means no bias.
     batch_axis: only the default 0 is supported.
     channel_axis: only the default -1 is supported.
-    parameterization: 'ntk' or 'standard' (see `affine.py`).
+    parameterization: 'ntk' or 'standard' (see `_affine.py`).
     s: width scalings `(s0, s1)` for the standard parameterization: the weight
       matrix has shape `(s0 * in, s1 * out)` in the width-scaling sense of
       Sohl-Dickstein et al. 2020; only `s0` enters the kernel.

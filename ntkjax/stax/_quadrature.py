@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .dual import DEFAULT_QUADRATURE_DEGREE, _correlation, safe_sqrt
+from ._dual import DEFAULT_QUADRATURE_DEGREE, _correlation, safe_sqrt
 
 # ----------------------------------------------------------------------------
 # Quadrature for any phi: condition on u, panels at the activation's scale.

@@ -36,7 +36,7 @@ from typing import Callable, Optional, Sequence
 import jax.numpy as jnp
 
 from ntkjax.kernel import Kernel, Source, Spatial, Term, new_source_id
-from ntkjax.stax import dual, quadrature
+from ntkjax.stax import _dual as dual, _quadrature as quadrature
 
 
 class KernelError(ValueError):

@@ -58,9 +58,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntkjax.kernel import Kernel
-from ntkjax.stax import features
-from ntkjax.stax.features import KernelError
-from ntkjax.stax.layer import Layer, check_nonnegative, layer, single_kernel
+from ntkjax.stax import _features as features
+from ntkjax.stax._features import KernelError
+from ntkjax.stax._layer import Layer, check_nonnegative, layer, single_kernel
 
 
 def _canonical_axes(axis, ndim: int, name: str) -> tuple:

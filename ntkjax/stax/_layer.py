@@ -20,8 +20,8 @@ import numpy as np
 
 from ntkjax.kernel import KERNEL_FIELDS, Kernel, Spatial, fresh_field_ids
 from ntkjax import _runtime_checks as runtime_checks
-from ntkjax.stax import features
-from ntkjax.stax.features import KernelError
+from ntkjax.stax import _features as features
+from ntkjax.stax._features import KernelError
 
 KernelMap = Callable[[Any], Any]
 Get = Union[None, str, Sequence[str]]

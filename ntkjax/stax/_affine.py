@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntkjax.kernel import Kernel
-from ntkjax.stax import features
-from ntkjax.stax.layer import check_nonnegative
+from ntkjax.stax import _features as features
+from ntkjax.stax._layer import check_nonnegative
 
 PARAMETERIZATIONS = ('ntk', 'standard')
 

@@ -35,11 +35,11 @@ import jax
 import jax.numpy as jnp
 
 from ntkjax.kernel import Kernel, Spatial
-from ntkjax.stax import features
-from ntkjax.stax.conv import (box_window_sum, check_padding, spatial_axes,
+from ntkjax.stax import _features as features
+from ntkjax.stax._conv import (box_window_sum, check_padding, spatial_axes,
                               window_center_mask, window_geometry)
-from ntkjax.stax.features import KernelError
-from ntkjax.stax.layer import (Layer, layer, single_kernel,
+from ntkjax.stax._features import KernelError
+from ntkjax.stax._layer import (Layer, layer, single_kernel,
                                zero_masked_outputs)
 
 

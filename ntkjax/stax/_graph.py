@@ -52,9 +52,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntkjax.stax import features
-from ntkjax.stax.features import KernelError
-from ntkjax.stax.layer import (Layer, is_concrete, layer, single_kernel,
+from ntkjax.stax import _features as features
+from ntkjax.stax._features import KernelError
+from ntkjax.stax._layer import (Layer, is_concrete, layer, single_kernel,
                                zero_masked_outputs)
 
 _NAME = 'Aggregate'

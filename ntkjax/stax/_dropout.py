@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntkjax.stax import features
-from ntkjax.stax.layer import Layer, is_concrete, layer, single_kernel
+from ntkjax.stax import _features as features
+from ntkjax.stax._layer import Layer, is_concrete, layer, single_kernel
 
 
 def _scale_same_positions(a, spatial, scale, batch_axes: int):
