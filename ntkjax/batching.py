@@ -19,23 +19,17 @@ The signature follows neural-tangents' `nt.batch`; `store`, `client`,
 
 from __future__ import annotations
 
-import collections
-import functools
 from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntkjax import _get
 from ntkjax.kernel import KERNEL_FIELDS
 from ntkjax.scale import executors
 from ntkjax.scale.blocks import PAIR, BlockJob
 from ntkjax.stax._layer import KernelFn
-
-
-@functools.lru_cache(maxsize=None)
-def _named(typename: str, names: tuple):
-  return collections.namedtuple(typename, names)
 
 
 def _stax_get(args: tuple, kwargs: dict) -> tuple:
@@ -45,13 +39,7 @@ def _stax_get(args: tuple, kwargs: dict) -> tuple:
     get, args = args[0], args[1:]
   else:
     get = kwargs.pop('get', None)
-  names = KERNEL_FIELDS if get is None else (
-      (get,) if isinstance(get, str) else tuple(get))
-  for name in names:
-    if name not in KERNEL_FIELDS:
-      raise ValueError(f'batch: unknown get={name!r}; choose from '
-                       f'{KERNEL_FIELDS}.')
-  return get, names, args
+  return get, _get.requested(get, KERNEL_FIELDS, 'batch'), args
 
 
 def _check_finite(x, name: str):
@@ -158,13 +146,13 @@ def batch(kernel_fn: Callable, batch_size: int = 0, device_count: int = -1,
     if is_stax:
       if isinstance(get, str):
         return result[get]
-      return _named('BatchedKernel', names)(*(result[n] for n in names))
+      return _get.result_tuple('BatchedKernel', names)(*(result[n] for n in names))
     kind = job.output
     if kind[0] == 'array':
       return result[kind[1]]
     if kind[0] == 'dict':
       return {name: result[name] for name in kind[1]}
-    return _named(kind[1], kind[2])(*(result[n] for n in kind[2]))
+    return _get.result_tuple(kind[1], kind[2])(*(result[n] for n in kind[2]))
 
   return batched
 

@@ -41,7 +41,6 @@ remains available for a caller who wants to be explicit.
 
 from __future__ import annotations
 
-import collections
 import enum
 import functools
 import string
@@ -51,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntkjax import _passes, example_axis, structured
+from ntkjax import _get, _passes, example_axis, structured
 
 Axes = Union[int, Sequence[int]]
 
@@ -716,19 +715,7 @@ def empirical_kernel_fn(f: Callable, trace_axes: Axes = (-1,),
                                  implementation, precision)}
 
   def kernel_fn(x1, x2, get: Any, params, **kwargs):
-    names = ('nngp', 'ntk') if get is None else (
-        (get,) if isinstance(get, str) else tuple(get))
-    for name in names:
-      if name not in fns:
-        raise ValueError(f"empirical kernel_fn: unknown get={name!r}; choose "
-                         "'nngp', 'ntk' or a tuple of them.")
-    values = [fns[name](x1, x2, params, **kwargs) for name in names]
-    if isinstance(get, str):
-      return values[0]
-    return _empirical_tuple(names)(*values)
+    names = _get.requested(get, tuple(fns), 'empirical kernel_fn')
+    values = {name: fns[name](x1, x2, params, **kwargs) for name in names}
+    return _get.pick(get, values, 'EmpiricalKernel')
   return kernel_fn
-
-
-@functools.lru_cache(maxsize=None)
-def _empirical_tuple(names: tuple):
-  return collections.namedtuple('EmpiricalKernel', names)

@@ -9,15 +9,15 @@ processed in blocks of `batch_size` so memory stays bounded.
 
 from __future__ import annotations
 
-import collections
 from typing import Callable, Iterable, Union
 
 import jax
 import jax.numpy as jnp
 
+from ntkjax import _get
 from ntkjax.empirical import (Axes, NtkImplementation, empirical_kernel_fn)
 
-MonteCarloKernel = collections.namedtuple('MonteCarloKernel', ('nngp', 'ntk'))
+MonteCarloKernel = _get.result_tuple('MonteCarloKernel', ('nngp', 'ntk'))
 
 
 def _blocks(kernel_fn, x1, x2, get, params, kwargs, batch_size, diagonal_batch):
@@ -101,8 +101,8 @@ def monte_carlo_kernel_fn(init_fn: Callable, apply_fn: Callable, key,
         yield jax.tree.map(lambda t: t / n, total)
 
   def kernel_fn(x1, x2=None, get=None, **kwargs):
-    names = ('nngp', 'ntk') if get is None else (
-        (get,) if isinstance(get, str) else tuple(get))
+    names = _get.requested(get, MonteCarloKernel._fields,
+                           'monte_carlo kernel_fn')
     request = get if isinstance(get, str) else names
 
     def shaped(value):

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 
+from ntkjax import _get
 from ntkjax import _predict_checks as checks
 from ntkjax import _predict_iterative as iterative_predict
 from ntkjax import ode, solvers
@@ -458,19 +459,8 @@ def max_learning_rate(ntk_train_train, y_train_size: Optional[int] = None,
 # Gaussian-process inference.
 
 
-def _named(get, values: dict):
-  if isinstance(get, str):
-    return values[get]
-  return collections.namedtuple('Gaussians', tuple(values))(**values)
-
-
 def _gets(get) -> tuple:
-  gets = ('nngp', 'ntk') if get is None else (
-      (get,) if isinstance(get, str) else tuple(get))
-  for g in gets:
-    if g not in _GETS:
-      raise ValueError(f"unknown get={g!r}; choose from {_GETS}.")
-  return gets
+  return _get.requested(get, _GETS, 'predict_fn', default=('nngp', 'ntk'))
 
 
 def gp_inference(k_train_train, y_train, diag_reg: float = 0.,
@@ -559,7 +549,8 @@ def gp_inference(k_train_train, y_train, diag_reg: float = 0.,
             cov = ktt + _mul(a, nngp) @ a.T - cross - cross.T
           cov = layout.zip_covariance(cov, rows)
       values[g] = mean if cov is None else Gaussian(mean, cov)
-    return _named(get if isinstance(get, str) else tuple(values), values)
+    return _get.pick(get if isinstance(get, str) else tuple(values), values,
+                     'Gaussians')
   return predict_fn
 
 
@@ -697,7 +688,8 @@ def gradient_descent_mse_ensemble(kernel_fn: Callable, x_train, y_train,
         cov = (test_test['nngp'] + _mul(a, train['nngp'])
                @ jnp.swapaxes(a, -1, -2) - cross - jnp.swapaxes(cross, -1, -2))
       values[g] = Gaussian(mean, layout.zip_covariance(cov, rows))
-    return _named(get if isinstance(get, str) else tuple(values), values)
+    return _get.pick(get if isinstance(get, str) else tuple(values), values,
+                     'Gaussians')
   return predict_fn
 
 

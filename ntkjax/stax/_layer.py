@@ -10,21 +10,21 @@ raw inputs into the input `Kernel`, validates them, compiles the map with
 
 from __future__ import annotations
 
-import collections
 import functools
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntkjax import _get
 from ntkjax.kernel import KERNEL_FIELDS, Kernel, Spatial, fresh_field_ids
 from ntkjax import _runtime_checks as runtime_checks
 from ntkjax.stax import _features as features
 from ntkjax.stax._features import KernelError
 
 KernelMap = Callable[[Any], Any]
-Get = Union[None, str, Sequence[str]]
+Get = _get.Get
 
 
 class Layer(NamedTuple):
@@ -302,20 +302,12 @@ def _canonical_pattern(pattern, x1, x2) -> tuple:
 # get.
 
 
-@functools.lru_cache(maxsize=None)
-def _kernels_tuple(names: tuple):
-  return collections.namedtuple('AnalyticKernel', names)
-
-
 def canonical_get(get: Get):
-  """Validate `get`; return None, a field name, or a tuple of names."""
+  """Validate `get` (`ntkjax._get`); return None (the whole Kernel), a field
+  name, or a tuple of names."""
   if get is None:
     return None
-  names = (get,) if isinstance(get, str) else tuple(get)
-  for name in names:
-    if name not in KERNEL_FIELDS:
-      raise ValueError(f'kernel_fn: unknown get={name!r}; choose from '
-                       f'{KERNEL_FIELDS} (or None for the whole Kernel).')
+  names = _get.requested(get, KERNEL_FIELDS, 'kernel_fn')
   return get if isinstance(get, str) else names
 
 
@@ -367,7 +359,8 @@ def select(kernel, get):
                                       2 if name in ('nngp', 'ntk') else 1)
   if isinstance(get, str):
     return field(get)
-  return _computed_together(_kernels_tuple(get)(*(field(name) for name in get)))
+  return _computed_together(_get.pick(
+      get, {name: field(name) for name in get}, 'AnalyticKernel'))
 
 
 # ----------------------------------------------------------------------------
@@ -623,9 +616,7 @@ class KernelFn:
       # One batch: its second variances are its first, bit for bit (the
       # row and column blocks compute them in differently fused programs).
       result['cov2'] = result['cov1']
-    if isinstance(get, str):
-      return result[get]
-    return _kernels_tuple(names)(*(result[name] for name in names))
+    return _get.pick(get, result, 'AnalyticKernel')
 
   def __repr__(self):
     return f'<kernel_fn of {self.name}>'
