@@ -41,10 +41,11 @@ remains available for a caller who wants to be explicit.
 
 from __future__ import annotations
 
+import collections
 import enum
 import functools
 import string
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -533,19 +534,41 @@ def empirical_ntk_fn(f: Callable, trace_axes: Axes = (-1,),
 
   @_with_precision(precision, 'empirical_ntk_fn')
   def ntk_fn(x1, x2, params, **kwargs):
-    args = _setup(f, x1, x2, params, kwargs, trace_axes, diagonal_axes,
+    call = _setup(f, x1, x2, params, kwargs, trace_axes, diagonal_axes,
                   vmap_axes, 'empirical_ntk_fn')
     chosen = implementation
     if chosen == NtkImplementation.AUTO:
-      chosen = _cheapest(*args)
-    trace, fx2_shape = args[5], args[8]
-    return _ntk(chosen, *args) / _trace_size(fx2_shape, trace)
+      chosen = _cheapest(call)
+    return _ntk(chosen, call) / _trace_size(call.fx2_shape, call.trace)
   return ntk_fn
 
 
+class _NtkCall(NamedTuple):
+  """One validated call of an ntk_fn: what every implementation needs.
+
+  Attributes:
+    f, x1, x2, params, kwargs: the function and its call (x2 None: x1).
+    trace, diagonal: the output axes summed over / kept diagonal
+      (non-negative ints).
+    ndim: the rank of f(x).
+    fx2_shape: the shape of f(x2).
+    vmap: (in_axis, out_axis, kwargs axes) of a per-example f, or None.
+  """
+  f: Callable
+  x1: Any
+  x2: Any
+  params: Any
+  kwargs: dict
+  trace: tuple
+  diagonal: tuple
+  ndim: int
+  fx2_shape: tuple
+  vmap: Any
+
+
 def _setup(f, x1, x2, params, kwargs, trace_axes, diagonal_axes, vmap_axes,
-           who):
-  """Validates the call; returns the arguments of `_ntk`."""
+           who) -> _NtkCall:
+  """Validates the call; returns it as an `_NtkCall`."""
   fx1 = jax.eval_shape(lambda p: _call(f, p, x1, kwargs, who), params)
   fx2 = fx1 if x2 is None else jax.eval_shape(
       lambda p: _call(f, p, x2, kwargs, who), params)
@@ -560,8 +583,8 @@ def _setup(f, x1, x2, params, kwargs, trace_axes, diagonal_axes, vmap_axes,
   if vmap is not None and not -fx1.ndim <= vmap[1] < fx1.ndim:
     raise ValueError(f'{who}: vmap_axes out_axis={vmap[1]} is out of range '
                      f'for f(x) of shape {fx1.shape}.')
-  return (f, x1, x2, params, kwargs, trace, diagonal, fx1.ndim, fx2.shape,
-          vmap)
+  return _NtkCall(f, x1, x2, params, kwargs, trace, diagonal, fx1.ndim,
+                  fx2.shape, vmap)
 
 
 def _detected_axes(f, params, x1, x2, kwargs):
@@ -594,14 +617,14 @@ def ntk_implementation_costs(f: Callable, x1, x2, params,
     dict `NtkImplementation` -> flops + 8 x bytes accessed, from XLA's cost
     analysis of each implementation lowered on these shapes (nothing runs).
   """
-  args = _setup(f, x1, x2, params, kwargs, trace_axes, diagonal_axes,
-                vmap_axes, 'ntk_implementation_costs')
-  return _costs(*args)
+  return _costs(_setup(f, x1, x2, params, kwargs, trace_axes, diagonal_axes,
+                       vmap_axes, 'ntk_implementation_costs'))
 
 
-def _ntk(implementation, f, x1, x2, params, kwargs, trace, diagonal, ndim,
-         fx2_shape, vmap):
+def _ntk(implementation, call: _NtkCall):
   """The untraced-axes-unnormalised NTK by one implementation."""
+  (f, x1, x2, params, kwargs, trace, diagonal, ndim, fx2_shape,
+   vmap) = call
   if implementation == NtkImplementation.JACOBIAN_CONTRACTION:
     return _ntk_jacobian_contraction(f, params, x1, x2, kwargs, trace,
                                      diagonal, ndim, vmap)
@@ -628,11 +651,13 @@ _COST_TIE = 0.05
 _TIE_ORDER = (NtkImplementation.NTK_VECTOR_PRODUCTS,
               NtkImplementation.STRUCTURED_DERIVATIVES,
               NtkImplementation.JACOBIAN_CONTRACTION)
-_AUTO_CHOICES = {}
+# AUTO's choices, most recently used last: keyed on the user's function, so
+# bounded (an unbounded dict kept every function ever passed alive).
+_AUTO_CHOICES = collections.OrderedDict()
+_AUTO_CHOICES_KEPT = 64
 
 
-def _costs(f, x1, x2, params, kwargs, trace, diagonal, ndim, fx2_shape,
-           vmap) -> dict:
+def _costs(call: _NtkCall) -> dict:
   """flops + _BYTE_COST x bytes of each implementation, by XLA's analysis.
 
   Each candidate is lowered (not compiled, not run) on abstract inputs of
@@ -640,17 +665,18 @@ def _costs(f, x1, x2, params, kwargs, trace, diagonal, ndim, fx2_shape,
   """
   spec = lambda t: jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), t)
-  arrays = {k: v for k, v in kwargs.items()
+  arrays = {k: v for k, v in call.kwargs.items()
             if isinstance(v, (jax.Array, np.ndarray))}
-  static = {k: v for k, v in kwargs.items() if k not in arrays}
+  static = {k: v for k, v in call.kwargs.items() if k not in arrays}
   costs = {}
   for candidate in (NtkImplementation.STRUCTURED_DERIVATIVES,
                     NtkImplementation.NTK_VECTOR_PRODUCTS,
                     NtkImplementation.JACOBIAN_CONTRACTION):
     def run(a, b, p, kw, candidate=candidate):
-      return _ntk(candidate, f, a, b, p, {**kw, **static}, trace, diagonal,
-                  ndim, fx2_shape, vmap)
-    lowered = jax.jit(run).lower(*spec((x1, x2, params, arrays)))
+      return _ntk(candidate, call._replace(x1=a, x2=b, params=p,
+                                           kwargs={**kw, **static}))
+    lowered = jax.jit(run).lower(*spec((call.x1, call.x2, call.params,
+                                        arrays)))
     analysis = lowered.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     costs[candidate] = (float(analysis.get('flops', 0.)) + _BYTE_COST *
@@ -665,8 +691,7 @@ def auto_choice(costs: dict) -> NtkImplementation:
   return next(c for c in _TIE_ORDER if costs[c] <= cheapest * (1 + _COST_TIE))
 
 
-def _cheapest(f, x1, x2, params, kwargs, trace, diagonal, ndim, fx2_shape,
-              vmap) -> NtkImplementation:
+def _cheapest(call: _NtkCall) -> NtkImplementation:
   """AUTO: the implementation with the smallest estimated cost (`_costs`);
   near-ties (within `_COST_TIE`) go to the first in `_TIE_ORDER`.
 
@@ -678,15 +703,17 @@ def _cheapest(f, x1, x2, params, kwargs, trace, diagonal, ndim, fx2_shape,
   spec = lambda t: jax.tree.map(
       lambda a: ((np.shape(a), str(a.dtype))
                  if isinstance(a, (jax.Array, np.ndarray)) else repr(a)), t)
-  key = (f, str(spec((x1, x2, params))), str(spec(kwargs)), trace, diagonal,
-         repr(vmap))
+  key = (call.f, str(spec((call.x1, call.x2, call.params))),
+         str(spec(call.kwargs)), call.trace, call.diagonal, repr(call.vmap))
   if key not in _AUTO_CHOICES:
     try:
-      costs = _costs(f, x1, x2, params, kwargs, trace, diagonal, ndim,
-                     fx2_shape, vmap)
-      _AUTO_CHOICES[key] = auto_choice(costs)
+      choice = auto_choice(_costs(call))
     except Exception:  # noqa: BLE001 -- any failure means "cannot estimate"
       return NtkImplementation.STRUCTURED_DERIVATIVES
+    _AUTO_CHOICES[key] = choice
+    while len(_AUTO_CHOICES) > _AUTO_CHOICES_KEPT:
+      _AUTO_CHOICES.popitem(last=False)
+  _AUTO_CHOICES.move_to_end(key)
   return _AUTO_CHOICES[key]
 
 

@@ -214,3 +214,20 @@ def test_memory_bounded_blocks_equal_the_definition(monkeypatch,
         rtol=1e-11, atol=1e-11)
   # The budget did split the work (else this test would not test it).
   assert 'barrier' in splits, splits
+
+
+def test_auto_choice_cache_is_bounded():
+  """AUTO caches its choice per user function (and shapes): the cache keeps
+  at most `_AUTO_CHOICES_KEPT` functions alive, the most recently used."""
+  from ntkjax import empirical
+  x = jnp.ones((2, 3))
+  params = jnp.ones((3, 2))
+  kept = empirical._AUTO_CHOICES_KEPT
+  functions = [lambda p, x, i=i: x @ p * (i + 1.) for i in range(kept + 6)]
+  for f in functions:
+    ntk = ntkjax.empirical_ntk_fn(f, vmap_axes=None)(x, None, params)
+    # f is linear in p with Jacobian (i + 1) x: the NTK is (i + 1)^2 x x^T.
+  np.testing.assert_allclose(ntk, (kept + 6.)**2 * (x @ x.T))
+  assert len(empirical._AUTO_CHOICES) == kept
+  assert not any(key[0] is functions[0] for key in empirical._AUTO_CHOICES)
+  assert any(key[0] is functions[-1] for key in empirical._AUTO_CHOICES)
