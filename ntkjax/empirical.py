@@ -51,7 +51,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntkjax import _get, _passes, example_axis, structured
+from ntkjax import _get, _passes, example_axis
+from ntkjax import _structured as structured
 
 Axes = Union[int, Sequence[int]]
 

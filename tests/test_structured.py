@@ -15,7 +15,8 @@ from conftest import direct_empirical_kernel
 from jax import lax
 
 import ntkjax
-from ntkjax import NtkImplementation, stax, structured
+from ntkjax import NtkImplementation, stax
+from ntkjax import _structured as structured
 
 STRUCTURED = NtkImplementation.STRUCTURED_DERIVATIVES
 # Tiny programs compiled once each: XLA's cheapest settings halve the

@@ -16,7 +16,7 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 import ntkjax
-from ntkjax import structured
+from ntkjax import _structured as structured
 
 jax.config.update('jax_enable_x64', True)
 
