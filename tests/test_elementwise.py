@@ -148,3 +148,34 @@ def test_elementwise_requires_something():
 def test_bad_degrees_are_errors(bad):
   with pytest.raises(ValueError, match='degree'):
     stax.Monomial(bad)
+
+
+def test_quadrature_kernels_compile_once_when_called_eagerly():
+  """kernel_fn runs op by op unless the user jits it. The quadrature's
+  large-kernel stage is jitted with the activation as a static argument;
+  the kernel maps build their elementwise maps anew on each call, so equal
+  maps must be one object (`_quadrature._canonical`), or every call would
+  compile again (it cost 0.5 s per quadrature layer per call)."""
+  compiles = []
+
+  def listener(name, duration, **kwargs):
+    if 'backend_compile' in name:
+      compiles.append(name)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    net = stax.serial(stax.Dense(8, W_std=1.3), stax.Tanh(), stax.Dense(8),
+                      stax.Tanh(), stax.Dense(1))
+    # 64 x 64 entries: past the small-kernel path, into the chunked stage.
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((64, 5)),
+                    jnp.float32)
+    first = net.kernel_fn(x, None, ('nngp', 'ntk'))
+    compiles.clear()
+    again = net.kernel_fn(x, None, ('nngp', 'ntk'))
+    assert compiles == []
+    np.testing.assert_array_equal(again.ntk, first.ntk)
+    # A different scale in front of the same activation is another map.
+    other = stax.serial(stax.Dense(8, W_std=2.), stax.Tanh(), stax.Dense(8),
+                        stax.Tanh(), stax.Dense(1)).kernel_fn(x, None, 'ntk')
+    assert np.max(np.abs(other - first.ntk)) > 1e-3
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
