@@ -170,11 +170,11 @@ CATALOGUE = {
                                 (X * 3e19).astype(jnp.float32), None, 'nngp'),
         FloatingPointError, 'overflow'),
     # A nonlinear branch beside a per-sample rescaling of the same field.
-    'Relu(z) + LayerNorm(z)': (
+    'Relu(z) * LayerNorm(z)': (
         lambda: stax.serial(stax.Dense(3), stax.FanOut(2), stax.parallel(
-            stax.Relu(), stax.LayerNorm()), stax.FanInSum())[2](X, None,
-                                                              'nngp'),
-        ValueError, 'FanInSum: its branches are one Gaussian field scaled'),
+            stax.Relu(), stax.LayerNorm()), stax.FanInProd())[2](X, None,
+                                                               'nngp'),
+        ValueError, 'FanInProd: its branches are one Gaussian field scaled'),
     # NaN inputs are padding only with mask_constant=NaN.
     'kernel_fn(NaN inputs)': (
         lambda: stax.Dense(1)[2](X.at[0, 0].set(NAN), None, 'nngp'),

@@ -388,6 +388,17 @@ RESIDUALS = {
             stax.parallel(stax.Identity(), stax.serial(
                 stax.LayerNorm(), stax.Relu(), _dense())),
             stax.FanInSum(), stax.LayerNorm(), stax.Gelu()),
+    # A nonlinear branch beside a rescaling of the same field: every pair
+    # of branches is a 2-d Gaussian expectation over (z_i, z_j).
+    'Relu(z) + LayerNorm(z), then Dense': lambda: stax.serial(
+        _dense(), stax.FanOut(2), stax.parallel(stax.Relu(),
+                                                stax.LayerNorm()),
+        stax.FanInSum(), _dense()),
+    'Erf(z) + Relu(LayerNorm(z)) + LayerNorm(z), then Dense': lambda: stax.serial(
+        _dense(), stax.FanOut(3), stax.parallel(
+            stax.Erf(), stax.serial(stax.LayerNorm(eps=0.3), stax.Relu()),
+            stax.LayerNorm()),
+        stax.FanInSum(), _dense()),
 }
 
 
@@ -414,8 +425,27 @@ def test_sum_of_rescalings_is_the_field_scaled_per_sample(inputs):
   np.testing.assert_allclose(got.cov1, c1**2 * k.cov1, rtol=1e-12)
 
 
-def test_a_nonlinear_branch_beside_a_rescaling_raises(inputs):
+def test_a_nonlinear_branch_beside_a_rescaling_is_exact(inputs):
+  """Relu(z) + c_i z (c_i = 1/s_i: LayerNorm of z) against the closed
+  forms: E[relu(u) relu(v)] is the arc-cosine kernel, E[relu(u) v] =
+  k12 E[relu'(u)] = k12 / 2 (Stein), and E[u v] = k12, so
+      nngp_ij = arccos_ij + (c_i + c_j) k12 / 2 + c_i c_j k12,
+      ntk_ij  = ntk(z)_ij (E[relu' relu'] + (c_i + c_j) / 2 + c_i c_j)."""
+  x1, x2 = inputs
+  _, _, base = stax.serial(_dense())
+  _, _, relu = stax.serial(_dense(), stax.Relu())
   _, _, kernel_fn = stax.serial(_dense(), stax.FanOut(2), stax.parallel(
-      stax.Relu(), stax.LayerNorm()), stax.FanInSum())
+      stax.Relu(), stax.LayerNorm(eps=0.2)), stax.FanInSum())
+  k, r, got = base(x1, x2), relu(x1, x2), kernel_fn(x1, x2)
+  c1 = 1 / np.sqrt(np.asarray(k.cov1) + 0.2)
+  c2 = 1 / np.sqrt(np.asarray(k.cov2) + 0.2)
+  k12 = np.asarray(k.nngp)
+  cross = (c1[:, None] + c2[None, :]) / 2 + np.outer(c1, c2)
+  np.testing.assert_allclose(got.nngp, r.nngp + cross * k12, rtol=1e-6)
+  # relu's NTK factor E[relu' relu'] = (ntk of relu) / ntk(z).
+  np.testing.assert_allclose(got.ntk, r.ntk + k.ntk * cross, rtol=1e-6)
+  np.testing.assert_allclose(got.cov1, r.cov1 + (c1 + c1**2) * k.cov1,
+                             rtol=1e-6)
   with pytest.raises(ValueError, match='scaled per sample.*Relu'):
-    kernel_fn(*inputs)
+    stax.serial(_dense(), stax.FanOut(2), stax.parallel(
+        stax.Relu(), stax.LayerNorm()), stax.FanInProd()).kernel_fn(*inputs)

@@ -215,9 +215,10 @@ def _check_linear_rescalings(terms: Sequence[Term], layer: str):
     raise KernelError(
         f'{layer}: its branches are one Gaussian field scaled per sample '
         '(LayerNorm of it) and one of them passed through a nonlinearity '
-        'before they meet (e.g. Relu(z) + LayerNorm(z)); that kernel is not '
-        'computed. Combine the branches before the nonlinearity '
-        '(Relu(z + LayerNorm(z))), or put a Dense layer in the branch.')
+        'before they meet (e.g. Relu(z) * LayerNorm(z)); that product\'s '
+        'kernel is not computed (the sum, Relu(z) + LayerNorm(z), is). '
+        'Multiply the branches before the nonlinearity, or put a Dense '
+        'layer in the branch.')
 
 
 def _scaled(x, scale):
@@ -540,6 +541,104 @@ def apply_elementwise(kernel: Kernel, act: dual.Activation,
       'x + Dense(Relu(Dense(x))) instead of Relu(x + Relu(Dense(x))).')
 
 
+def _as_map_of_root(term: Term):
+  """A term of a (rescaled) Gaussian field as a map F_i(z) = fn(a_i z) of
+  its root z: (root, fn, (a1, a2)), with fn None for the identity (F_i(z)
+  = a_i z) and per-sample factors a (S..., N) for the x1 and x2 batches."""
+  if isinstance(term.fn, Linear):
+    root, c1, c2 = _root_scales(term)
+    return root, None, (c1, c2)
+  source = term.source
+  if isinstance(term.fn, Scaled) and not term.fn.act.has_fn:
+    raise KernelError(
+        f'{term.fn.act.name} was given nngp_fn but no fn; its kernel beside '
+        'another branch of the same field needs fn. Pass fn= to Elementwise '
+        'as well.')
+  if source.root is None:
+    return source, term.fn, (1., 1.)
+  return source.root, term.fn, (source.scale1, source.scale2)
+
+
+def _cross_moments(f, a, g, b, c12, c11, c22):
+  """E[F(u) G(v)] and E[F'(u) G'(v)] for F(u) = f(a u), G(v) = g(b v) (f
+  or g None: the identity), (u, v) ~ N(0, [[c11, c12], [c12, c22]]), all
+  entrywise. One identity map: Stein's lemma, E[f(a u) v] = a c12
+  E[f'(a u)]; two nonlinear maps: the quadrature."""
+  if f is None and g is None:
+    return a * b * c12, a * b
+  if f is None:      # E[a u g(b v)]: the same with the roles swapped
+    return _cross_moments(g, b, None, a, c12, c22, c11)
+  if g is None:
+    slope = quadrature.expect_1d(quadrature.derivative(f), a * a * c11,
+                                 max(f.degree, 64))
+    return a * b * c12 * slope, a * b * slope
+  degree = max(f.degree, g.degree)
+  scaled = (a * b * c12, a * a * c11, b * b * c22)
+  return (quadrature.expect_2d(f, g, *scaled, degree),
+          a * b * quadrature.expect_2d(quadrature.derivative(f),
+                                       quadrature.derivative(g), *scaled,
+                                       degree))
+
+
+def _sum_of_one_field(group: Sequence[Term]) -> Term:
+  """The features sum_k F_k,i(z) for branches that are maps of one root
+  field z, at least one nonlinear and one rescaled per sample (e.g.
+  Relu(z) + LayerNorm(z)): exact, as every pair is a 2-d Gaussian
+  expectation over (z_i, z_j),
+
+      nngp_ij = sum_kl E[F_k,i(u) F_l,j(v)],
+      ntk_ij  = ntk(z)_ij sum_kl E[F_k,i'(u) F_l,j'(v)]
+
+  (the per-sample scales are deterministic at infinite width). The result
+  depends on the sample through more than its variance, so it is one
+  opaque term: a Dense layer may follow, a nonlinearity raises."""
+  described = [_as_map_of_root(t) for t in group]
+  root = described[0][0]
+  spatial = root.spatial
+  var1 = spatial.variances(root.cov1)
+  symmetric = root.cov2 is root.cov1
+  var2 = var1 if symmetric else spatial.variances(root.cov2)
+  # Per-sample factors as (S..., N) arrays, for the x1 and x2 batches.
+  maps = [(fn, (a1 * jnp.ones_like(var1), a2 * jnp.ones_like(var2)))
+          for _, fn, (a1, a2) in described]
+
+  def moments(c12, c11, c22, layout):
+    """sum_kl of `_cross_moments`; layout(a_k, a_l) places the left and
+    right maps' factors (pairs for x1, x2) on the arrays' axes."""
+    nngp = ntk = 0.
+    for f, a in maps:
+      for g, b in maps:
+        left, right = layout(a, b)
+        n, t = _cross_moments(f, left, g, right, c12, c11, c22)
+        nngp, ntk = nngp + n, ntk + t
+    return nngp, ntk
+
+  k11, k22 = spatial.pair(var1, var2)
+  nngp, ntk_factor = moments(root.nngp, k11, k22,
+                             lambda a, b: spatial.pair(a[0], b[1]))
+
+  def own(cov, var, side):
+    """cov1 / cov2 of the sum: both factors from one sample (covariances
+    between its positions in the full layout)."""
+    if not spatial.full:
+      return moments(var, var, var, lambda a, b: (a[side], b[side]))[0]
+    first, second = spatial.self_pair(var)
+    return moments(cov, first, second, lambda a, b: (
+        spatial.self_pair(a[side])[0], spatial.self_pair(b[side])[1]))[0]
+
+  cov1 = own(root.cov1, var1, 0)
+  cov2 = cov1 if symmetric else own(root.cov2, var2, 1)
+  # Identity maps of the zero-mean field have mean 0; E[fn(a z)] otherwise.
+  mean1, mean2 = jnp.zeros_like(var1), jnp.zeros_like(var2)
+  for fn, (a1, a2) in maps:
+    if fn is not None:
+      degree = max(fn.degree, 64)
+      mean1 = mean1 + quadrature.expect_1d(fn, a1 * a1 * var1, degree)
+      mean2 = mean2 + quadrature.expect_1d(fn, a2 * a2 * var2, degree)
+  return Term(nngp, root.ntk * ntk_factor, cov1, cov2, mean1, mean2,
+              components=root.components, spatial=spatial)
+
+
 def fan_in_sum(kernels: Sequence[Kernel]) -> Kernel:
   """Kernel of the sum of the branches' features."""
   groups: dict = {}
@@ -557,8 +656,10 @@ def fan_in_sum(kernels: Sequence[Kernel]) -> Kernel:
     if len(group) == 1:
       terms.append(group[0])
     elif any(t.source.root is not None for t in group):
+      if not all(isinstance(t.fn, Linear) for t in group):
+        terms.append(_sum_of_one_field(group))
+        continue
       # sum_k c_k,i z_i = (sum_k c_k,i) z_i: the root rescaled per sample.
-      _check_linear_rescalings(group, 'FanInSum')
       roots = [_root_scales(t) for t in group]
       scale1 = sum(r[1] for r in roots)
       scale2 = sum(r[2] for r in roots)
