@@ -30,6 +30,20 @@ recorded at step k sit beside `predict_fn(t=k, ...)`, and approach them as
 learning_rate -> 0 at fixed learning_rate * k (the gap is O(learning_rate)).
 For another loss the same holds for `predict.gradient_descent(loss, ...)`.
 
+The lazy-rich dial (`output_scale=alpha`; Chizat, Oyallon & Bach 2019,
+"On lazy training in differentiable programming"): the trained model is
+the centered, scaled network
+
+    g(params, x) = alpha (f(params, x) - f(params_0, x)),
+
+minimizing L(g) / alpha^2, so that the function-space step is independent
+of alpha to first order: for the linearized network it is exactly the same
+for every alpha (g = alpha J dp, and the gradient of L(g) / alpha^2 is
+J^T dL / alpha). As alpha -> infinity the network's parameters move
+O(1/alpha) and it trains like its linearization (the kernel regime); small
+alpha is the rich, feature-learning regime. The recorded outputs are g;
+g = 0 at step 0, so targets are fit from zero.
+
 Minibatches (`batch_size`): each epoch draws a fresh permutation of the
 training set from `key` (without replacement; `batch_size` must divide the
 number of examples), and the loss of a step is the same loss on the batch
@@ -205,17 +219,28 @@ def _check_shapes(model, params, x_train, y_train, loss, loss_fn):
 @functools.partial(jax.jit, static_argnames=('apply_fn', 'optimizer', 'loss_fn',
                                              'batch_size', 'linearized',
                                              'n_records'))
-def _run(params, x_train, y_train, x_test, key, lengths, *, apply_fn,
-         optimizer, loss_fn, batch_size, linearized, n_records):
+def _run(params, x_train, y_train, x_test, key, lengths, output_scale, *,
+         apply_fn, optimizer, loss_fn, batch_size, linearized, n_records):
   """Trains for sum(lengths) steps, recording after each of the first
-  `n_records` segments of `lengths` steps."""
+  `n_records` segments of `lengths` steps. `output_scale` None: the model
+  itself; else alpha (an array, so every alpha shares one compilation):
+  alpha (f - f_0) with the loss divided by alpha^2."""
   apply_fn, loss_fn = apply_fn.value, loss_fn.value
   optimizer = optax.with_extra_args_support(optimizer.value)
-  model = linearize(apply_fn, params) if linearized else apply_fn
+  network = linearize(apply_fn, params) if linearized else apply_fn
   n = x_train.shape[0]
+  if output_scale is None:
+    model = lambda p, x, f0: network(p, x)
+    scale_loss = lambda value: value
+    f0_train = f0_test = None
+  else:
+    model = lambda p, x, f0: output_scale * (network(p, x) - f0)
+    scale_loss = lambda value: value / output_scale**2
+    f0_train = network(params, x_train)
+    f0_test = None if x_test is None else network(params, x_test)
 
-  def batch_loss(p, xb, yb):
-    return loss_fn(model(p, xb), yb)
+  def batch_loss(p, xb, yb, f0b):
+    return scale_loss(loss_fn(model(p, xb, f0b), yb))
 
   def step(_, carry):
     p, state, k, perm = carry
@@ -230,16 +255,18 @@ def _run(params, x_train, y_train, x_test, key, lengths, *, apply_fn,
                       lambda: perm)
       rows = lax.dynamic_slice_in_dim(perm, index * batch_size, batch_size)
       xb, yb = x_train[rows], y_train[rows]
-    value, grads = jax.value_and_grad(batch_loss)(p, xb, yb)
+    f0b = f0_train if f0_train is None or batch_size is None else f0_train[
+        rows]
+    value, grads = jax.value_and_grad(batch_loss)(p, xb, yb, f0b)
     updates, state = optimizer.update(
         grads, state, p, value=value, grad=grads,
-        value_fn=lambda q: batch_loss(q, xb, yb))
+        value_fn=lambda q: batch_loss(q, xb, yb, f0b))
     return optax.apply_updates(p, updates), state, k + 1, perm
 
   def segment(carry, length):
     carry = lax.fori_loop(0, length, step, carry)
-    fx = model(carry[0], x_train)
-    fx_test = None if x_test is None else model(carry[0], x_test)
+    fx = model(carry[0], x_train, f0_train)
+    fx_test = None if x_test is None else model(carry[0], x_test, f0_test)
     return carry, (fx, fx_test, loss_fn(fx, y_train))
 
   perm = jnp.arange(n)
@@ -255,7 +282,8 @@ def train(apply_fn: Callable, params: PyTree, x_train, y_train,
           batch_size: Optional[int] = None,
           record_steps: Optional[Sequence[int]] = None,
           x_test=None, linearized: bool = False,
-          key: Optional[jax.Array] = None) -> TrainResult:
+          key: Optional[jax.Array] = None,
+          output_scale: Optional[float] = None) -> TrainResult:
   """Trains `apply_fn` (or its linearization) with an optax optimizer.
 
   Args:
@@ -278,10 +306,15 @@ def train(apply_fn: Callable, params: PyTree, x_train, y_train,
     x_test: optional test inputs, recorded at the same steps.
     linearized: train `linearize(apply_fn, params)` instead of `apply_fn`.
     key: PRNG key for the minibatch order.
+    output_scale: alpha > 0 of the lazy-rich dial (module docstring): train
+      alpha (f - f_0) on loss / alpha^2; large alpha is the kernel regime,
+      small alpha the feature-learning one. None (default): f itself.
 
   Returns:
     A `TrainResult(params, opt_state, steps, fx_train, fx_test, loss)`;
-    the recorded arrays have a leading axis over `record_steps`. For
+    the recorded arrays have a leading axis over `record_steps` (with
+    `output_scale`, fx are alpha (f - f_0) and loss is L of them, not
+    divided by alpha^2). For
     `optax.sgd(lr)` and the 'mse' loss, lay them beside
     `predict.gradient_descent_mse(ntk, y_train, lr)(t=result.steps, ...)`.
   """
@@ -296,6 +329,14 @@ def train(apply_fn: Callable, params: PyTree, x_train, y_train,
   batch_size = _check_data(x_train, y_train, x_test, batch_size, key)
   model = linearize(apply_fn, params) if linearized else apply_fn
   _check_shapes(model, params, x_train, y_train, loss, loss_fn)
+  if output_scale is not None:
+    alpha = np.asarray(output_scale, dtype=float)
+    if alpha.shape != () or not np.isfinite(alpha) or alpha <= 0:
+      raise ValueError(f'train: output_scale={output_scale!r} must be a '
+                       'finite number > 0 (alpha of the lazy-rich dial), or '
+                       'None.')
+    output_scale = jnp.asarray(output_scale,
+                               jnp.result_type(*jax.tree.leaves(params)))
 
   # Segments end at each recorded step, then at `steps` (its record dropped),
   # so the compiled loop depends on len(record) only.
@@ -303,7 +344,7 @@ def train(apply_fn: Callable, params: PyTree, x_train, y_train,
   if key is None:
     key = jax.random.key(0)  # unused without minibatches
   p, state, fx, fx_test, values = _run(
-      params, x_train, y_train, x_test, key, lengths,
+      params, x_train, y_train, x_test, key, lengths, output_scale,
       apply_fn=_Static(apply_fn),
       optimizer=_Static(optimizer),
       loss_fn=_Static(loss_fn), batch_size=batch_size,
