@@ -160,9 +160,11 @@ def after_kernel(apply_fn: Callable, params_before, params_after, x_train,
     params_before: parameters at initialization.
     params_after: parameters after training (`train(...).params`; not of a
       linearized model).
-    x_train, y_train: training data; y (N, k), one-hot for classes (k = 1:
-      labels by sign).
-    x_test, y_test: test data, like the training data.
+    x_train: training inputs.
+    y_train: training targets (N, k), one-hot for classes (k = 1: labels by
+      sign).
+    x_test: test inputs.
+    y_test: test targets, like y_train.
     diag_reg: ridge, relative to the mean of the kernel's diagonal.
     vmap_axes: as in `empirical_ntk_fn` (0: per-example networks).
 
