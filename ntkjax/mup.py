@@ -31,6 +31,12 @@ Then, Tensor Programs V Table 3, relative to the base width:
 is an optax transformation for the learning-rate column, chained after the
 optimizer (`optax.chain(optax.sgd(lr), mup.scale_updates(params, 'sgd'))`).
 
+Mean field: for one hidden layer, muP relative to base width 1 is the
+mean-field parameterization (Mei, Montanari & Nguyen 2018; Chizat & Bach
+2018), f(x) = (1/n) sum_i a_i phi(w_i . x) with a_i, sqrt(d) w_i ~ N(0, 1)
+and learning rate eta n on every parameter (tested step for step). Other
+base widths differ from it by width-independent constants only.
+
 There is no kernel limit to compare with: in muP the output at
 initialization vanishes as width grows (its variance falls like 1 / m_in)
 and the hidden features move O(1), so no fixed kernel describes training;

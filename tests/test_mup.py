@@ -142,3 +142,37 @@ def test_no_kernel_limit_and_bad_input():
                              'rmsprop')
   with pytest.raises(ValueError, match='base_width must be a positive int'):
     MuP(_network, 0, X.shape)
+
+
+def test_one_hidden_layer_with_base_width_one_is_mean_field():
+  """Mean field (Mei, Montanari & Nguyen 2018; Chizat & Bach 2018): f(x) =
+  (1/n) sum_i a_i relu(w_i . x), a_i ~ N(0, 1), w_i ~ N(0, I / d), gradient
+  descent with learning rate eta n on each parameter. muP relative to base
+  width 1 is exactly that network: the output weights a_i / n (std 1/n),
+  their learning rate eta / n (= eta n on a_i), the input weights' eta n.
+  Five SGD steps of both, written independently, agree to rounding."""
+  d, n, eta = 5, 512, 0.3
+  network = lambda width: stax.serial(
+      stax.Dense(width, parameterization='standard'), stax.Relu(),
+      stax.Dense(1, parameterization='standard'))
+  x = X[:, :d]
+  mean_field = MuP(network, 1, x.shape)
+  _, params = mean_field.init_fn(jax.random.PRNGKey(0), n)
+  w, a = params[0][0], params[2][0][:, 0] * n          # (d, n), (n,)
+  assert abs(float(jnp.std(a)) - 1.) < 0.1
+
+  def f(w, a):
+    return jnp.maximum(x @ w, 0.) @ a / n
+
+  loss = lambda w, a: 0.5 * jnp.mean((f(w, a)[:, None] - Y)**2)
+  for _ in range(5):
+    gw, ga = jax.grad(loss, (0, 1))(w, a)
+    w, a = w - eta * n * gw, a - eta * n * ga
+  opt = optax.chain(optax.sgd(eta), mean_field.scale_updates(params, 'sgd'))
+  apply_fn = network(n).apply_fn
+  mup_loss = lambda p: 0.5 * jnp.mean((apply_fn(p, x) - Y)**2)
+  state = opt.init(params)
+  for _ in range(5):
+    updates, state = opt.update(jax.grad(mup_loss)(params), state, params)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(apply_fn(params, x)[:, 0], f(w, a), rtol=1e-10)
