@@ -318,9 +318,11 @@ def _check_png(path):
 
 def test_cli_end_to_end_on_a_tiny_run(tmp_path, capsys):
   out = tmp_path / 'run'
-  assert main(['compare', '--quick', '--out', str(out)]) == 0
+  assert main(['compare', '--quick', '--alpha', '0.1,30', '--out',
+               str(out)]) == 0
   printed = capsys.readouterr()
   assert 'kernel dist.' in printed.out and 'slopes vs width' in printed.out
+  assert 'lazy-rich dial at width 128: alpha 0.1: drift' in printed.out
   assert 'training [' in printed.err and 'done' in printed.err
 
   for name in PLOTS:
@@ -358,8 +360,18 @@ def test_cli_end_to_end_on_a_tiny_run(tmp_path, capsys):
   np.testing.assert_allclose(results['learning_rate'],
                              0.5 * results['max_learning_rate'], rtol=1e-6)
 
+  # The lazy-rich dial: the kernel moves less at large alpha (~ 1/alpha).
+  dial = results['lazy_rich']
+  assert dial['alphas'] == [0.1, 30.]
+  drift = np.array(dial['drift'], np.float64)
+  assert drift.shape == (n_w, 2) and np.all(drift[:, 1] < drift[:, 0] / 10)
+  for name in ('accuracy', 'alignment_before', 'alignment_after'):
+    assert np.all(np.isfinite(np.array(dial[name], np.float64)))
+  _check_png(out / 'lazy_rich.png')
+
   page = (out / 'report.html').read_text()
-  assert page.count('src="data:image/png;base64,') == len(PLOTS)
+  assert page.count('src="data:image/png;base64,') == len(PLOTS) + 1
+  assert 'The lazy-rich dial' in page
   assert 'src="http' not in page and '<link' not in page
   assert 'falls like n^(' in page
 

@@ -68,6 +68,19 @@ def _widths(text: str) -> tuple:
   return tuple(sorted(widths))
 
 
+def _alphas(text: str) -> tuple:
+  values = []
+  for part in (p.strip() for p in text.split(',') if p.strip()):
+    try:
+      values.append(_positive_float(part))
+    except argparse.ArgumentTypeError as error:
+      raise argparse.ArgumentTypeError(f'--alpha {part!r}: {error}')
+  if not values:
+    raise argparse.ArgumentTypeError('expected a comma-separated list of '
+                                     'output scales, e.g. 0.1,1,10')
+  return tuple(sorted(set(values)))
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
   """Adds `compare` to the `ntkjax` command's subparsers."""
   from ntkjax.compare.architectures import PRESETS
@@ -123,6 +136,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       help='train f itself instead of f - f_0 (the output '
                            'minus its value at initialization); each network '
                            'then keeps its random initial function')
+  parser.add_argument('--alpha', type=_alphas, default=(), metavar='A,B,..',
+                      help='also train each network as alpha (f - f_0) on '
+                           'loss / alpha^2 for these output scales (the '
+                           'lazy-rich dial of Chizat et al. 2019) and '
+                           'report test metrics, kernel drift and '
+                           'kernel-target alignment against alpha '
+                           '[default: none]')
   parser.add_argument('--quick', action='store_true',
                       help='a tiny run in seconds (widths 32,128, 1 seed, 20 '
                            'steps, 100 train / 100 test); other flags override')
@@ -147,7 +167,8 @@ def config_from_args(args):
       seeds=pick('seeds'), steps=pick('steps'), learning_rate=args.lr,
       lr_fraction=args.lr_fraction, train_size=pick('train_size'),
       test_size=pick('test_size'), kernel_points=pick('kernel_points'),
-      records=pick('records'), images=args.images, center=args.center)
+      records=pick('records'), images=args.images, center=args.center,
+      alphas=args.alpha)
 
 
 def _writable(path: str) -> bool:

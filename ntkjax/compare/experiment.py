@@ -16,7 +16,13 @@ For one architecture, at every width n and for every seed:
    descent started from the same initial function f_n(0) (so the gap is
    width-induced only; gradient flow would add an O(learning rate) gap at
    early steps);
-5. the kernel drift ||Theta_T - Theta_0||_F / ||Theta_0||_F after training.
+5. the kernel drift ||Theta_T - Theta_0||_F / ||Theta_0||_F after training;
+6. with `alphas` (the lazy-rich dial of Chizat, Oyallon & Bach 2019), the
+   same network trained as alpha (f - f_0) on loss / alpha^2
+   (`train(..., output_scale=alpha)`) for each alpha: test metrics, kernel
+   drift, and the centered kernel-target alignment of its empirical NTK
+   before and after (`ntkjax.feature_learning`). Large alpha is the kernel
+   regime (drift ~ 1/alpha); small alpha learns features.
 
 Centering (default): a network's output at initialization is a random
 function f_0 whose size does not shrink with width (for W_std = 1.5 its
@@ -51,7 +57,7 @@ import numpy as np
 import optax
 
 import ntkjax
-from ntkjax import predict
+from ntkjax import feature_learning, predict
 from ntkjax.compare import architectures, data as data_lib
 from ntkjax.compare.progress import Progress, format_seconds
 from ntkjax.empirical import NtkImplementation, empirical_ntk_fn
@@ -81,6 +87,8 @@ class Config:
     images: digits as 8x8x1 images (implied by image architectures).
     center: measure each network's outputs from its initial function,
       f(params, x) - f(params_0, x) (see `run`).
+    alphas: output scales of the lazy-rich sweep (item 6 above); empty:
+      none.
   """
   out: str = 'compare_output'
   data: Optional[str] = None
@@ -97,10 +105,12 @@ class Config:
   records: int = 16
   images: bool = False
   center: bool = True
+  alphas: Sequence[float] = ()
 
   def to_json(self) -> dict:
     out = dataclasses.asdict(self)
     out['widths'] = [int(w) for w in self.widths]
+    out['alphas'] = [float(a) for a in self.alphas]
     return out
 
 
@@ -455,6 +465,8 @@ def _run(config: Config, stream: TextIO) -> dict:
       'ntk_same_init_mse')}
   gaps = {name: nan(n_w, n_s, n_r) for name in (
       'network', 'linearized', 'network_vs_linearized')}
+  alphas = [float(a) for a in config.alphas]
+  dial = {name: nan(n_w, n_s, len(alphas)) for name in LAZY_RICH_METRICS}
   diverged = []
   # Cost of a (width, seed) ~ parameters (+ a fixed overhead per task), so
   # the bar's percentage and time estimate follow the work.
@@ -509,8 +521,19 @@ def _run(config: Config, stream: TextIO) -> dict:
         if np.all(np.isfinite(np.asarray(net.loss))):
           theta_t = np.asarray(ntk_fn(x_sub, None, net.params))
           per_seed['drift'][i, seed] = relative_distance(theta_t, theta0)
+        for j, alpha in enumerate(alphas):
+          metrics = _lazy_rich_run(apply_fn, params, alpha, optimizer,
+                                   config.steps, dataset, ntk_fn, x_sub,
+                                   theta0)
+          for name, value in metrics.items():
+            dial[name][i, seed, j] = value
         bar.advance(weight[width], f'width {width}, seed {seed}')
       _summarize(results, per_seed, gaps, widths, record, diverged)
+      if alphas:
+        with _quiet_nan():
+          results['lazy_rich'] = {'alphas': alphas, **{
+              name: np.nanmean(values, axis=1) for name, values in
+              dial.items()}}
       results['widths_done'] = widths[:i + 1]
       write_json(results, json_path)
 
@@ -518,6 +541,35 @@ def _run(config: Config, stream: TextIO) -> dict:
   timings['total'] = time.perf_counter() - started
   write_json(results, json_path)
   return results
+
+
+LAZY_RICH_METRICS = ('accuracy', 'mse', 'drift', 'alignment_before',
+                     'alignment_after')
+
+
+def _lazy_rich_run(apply_fn, params, alpha: float, optimizer, steps: int,
+                   dataset, ntk_fn, x_sub, theta0) -> dict:
+  """One network trained at output scale alpha (item 6 of the module
+  docstring): its test metrics, NTK drift and kernel-target alignment
+  before and after, on the kernel points. NaN where it diverged."""
+  result = ntkjax.train(apply_fn, params, jnp.asarray(dataset.x_train),
+                        jnp.asarray(dataset.y_train), optimizer, steps,
+                        x_test=jnp.asarray(dataset.x_test),
+                        output_scale=alpha)
+  f_test = np.asarray(result.fx_test[-1])
+  y_sub = np.asarray(dataset.y_train)[:theta0.shape[0]]
+  out = dict.fromkeys(LAZY_RICH_METRICS, np.nan)
+  out['alignment_before'] = feature_learning.kernel_alignment(theta0, y_sub)
+  if not np.all(np.isfinite(f_test)):
+    return out
+  theta_t = np.asarray(ntk_fn(x_sub, None, result.params))
+  out.update(mse=mean_squared_error(f_test, dataset.y_test),
+             drift=relative_distance(theta_t, theta0),
+             alignment_after=feature_learning.kernel_alignment(theta_t,
+                                                               y_sub))
+  if dataset.labels_test is not None:
+    out['accuracy'] = accuracy(f_test, dataset.labels_test)
+  return out
 
 
 def _summarize(results: dict, per_seed: dict, gaps: dict, widths, record,

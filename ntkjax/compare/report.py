@@ -22,7 +22,10 @@ TITLES = {
     'kernel_distance': 'Kernel distance at initialization vs width',
     'divergence': 'Finite network vs its infinite-width NTK prediction',
     'drift': 'Kernel drift during training vs width (laziness)',
+    'lazy_rich': 'The lazy-rich dial: output scale alpha',
 }
+# Drawn only when the run has them (`--alpha`).
+OPTIONAL_PLOTS = ('lazy_rich',)
 
 
 def _array(value) -> np.ndarray:
@@ -155,6 +158,21 @@ def readings(results: dict) -> dict:
       f'perturbation theory (Dyer & Gur-Ari 2019){where}. The wider the '
       'network, the lazier its training and the better one fixed kernel '
       'describes it.')
+  if results.get('lazy_rich'):
+    dial = results['lazy_rich']
+    alphas = dial['alphas']
+    drift = _array(dial['drift'])[-1]
+    before = _array(dial['alignment_before'])[-1]
+    after = _array(dial['alignment_after'])[-1]
+    out['lazy_rich'] = (
+        f'At width {w1}, training alpha (f - f_0) on loss / alpha^2 moves the '
+        f'empirical NTK by {_pct(drift[0])} at alpha = {_g(alphas[0])} and '
+        f'{_pct(drift[-1])} at alpha = {_g(alphas[-1])}; its centered '
+        f'alignment with the targets goes from {_g(before[0])} to '
+        f'{_g(after[0])} at alpha = {_g(alphas[0])} and to {_g(after[-1])} at '
+        f'alpha = {_g(alphas[-1])}. Large alpha is the kernel regime (drift '
+        '~ 1/alpha, Chizat et al. 2019); where the drift is O(1) the network '
+        'learns features and the kernel description breaks.')
   return out
 
 
@@ -297,6 +315,40 @@ def plot_divergence(results: dict, path: str, plt) -> None:
   plt.close(fig)
 
 
+def plot_lazy_rich(results: dict, path: str, plt) -> None:
+  """Drift, alignment and test metric against alpha, one line per width."""
+  dial = results['lazy_rich']
+  alphas = np.asarray(dial['alphas'], dtype=float)
+  classification = _classification(results)
+  metric = 'accuracy' if classification else 'mse'
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+  for i, width in enumerate(results['widths']):
+    color = f'C{i % 10}'
+    axes[0].plot(alphas, _array(dial['drift'])[i], 'o-', color=color,
+                 label=f'width {width}')
+    axes[1].plot(alphas, _array(dial['alignment_after'])[i], 'o-',
+                 color=color)
+    axes[1].plot(alphas, _array(dial['alignment_before'])[i], ':',
+                 color=color)
+    axes[2].plot(alphas, _array(dial[metric])[i], 'o-', color=color)
+  ntk = results['test_metrics']['infinite']['ntk_at_steps'][f'test_{metric}']
+  axes[2].axhline(_num(ntk), color='k', linestyle='--',
+                  label='infinite-width NTK')
+  axes[0].set_yscale('log')
+  titles = ('kernel drift', 'centered alignment (dotted: at init)',
+            f'test {metric}')
+  for ax, title in zip(axes, titles):
+    ax.set_xscale('log')
+    ax.set_xlabel('output scale alpha')
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which='both', alpha=0.3)
+  axes[0].legend(fontsize=8)
+  axes[2].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def write_plots(results: dict, out_dir: str) -> dict:
   """Writes the PNGs; returns {plot name: path}."""
   import matplotlib
@@ -309,6 +361,9 @@ def write_plots(results: dict, out_dir: str) -> dict:
                    paths['kernel_distance'], plt,
                    f'at initialization, {results["kernel_points"]} inputs')
   plot_divergence(results, paths['divergence'], plt)
+  if results.get('lazy_rich'):
+    paths['lazy_rich'] = os.path.join(out_dir, 'lazy_rich.png')
+    plot_lazy_rich(results, paths['lazy_rich'], plt)
   _loglog_vs_width(results, 'drift',
                    r'$\|\Theta_T - \Theta_0\|_F \,/\, \|\Theta_0\|_F$',
                    paths['drift'], plt,
@@ -382,6 +437,13 @@ def summary_text(results: dict) -> str:
              f'({_g(results["learning_rate_fraction"], 2)} x max '
              f'{_g(results["max_learning_rate"], 4)}), {results["steps"]} '
              f'steps, {len(results["seeds"])} seed(s)')
+  if results.get('lazy_rich'):
+    dial = results['lazy_rich']
+    out.append(f'lazy-rich dial at width {results["widths"][-1]}: ' + ', '.join(
+        f'alpha {_g(a)}: drift {_g(d)}, alignment {_g(b)} -> {_g(c)}'
+        for a, d, b, c in zip(dial['alphas'], _array(dial['drift'])[-1],
+                              _array(dial['alignment_before'])[-1],
+                              _array(dial['alignment_after'])[-1])))
   if results.get('diverged'):
     out.append(f'diverged (left out of the means): {results["diverged"]}')
   return '\n'.join(out)
@@ -446,7 +508,7 @@ def write_html(results: dict, plots: dict, path: str) -> None:
                        '</td></tr>' for k, v in facts)
   header, rows = table_rows(results)
   sections = []
-  for name in PLOTS:
+  for name in PLOTS + tuple(n for n in OPTIONAL_PLOTS if n in plots):
     with open(plots[name], 'rb') as f:
       encoded = base64.b64encode(f.read()).decode('ascii')
     sections.append(
