@@ -523,8 +523,8 @@ def _run(config: Config, stream: TextIO) -> dict:
           per_seed['drift'][i, seed] = relative_distance(theta_t, theta0)
         for j, alpha in enumerate(alphas):
           metrics = _lazy_rich_run(apply_fn, params, alpha, optimizer,
-                                   config.steps, dataset, ntk_fn, x_sub,
-                                   theta0)
+                                   config.steps, (x_train, y_train, x_test),
+                                   dataset, ntk_fn, x_sub, theta0)
           for name, value in metrics.items():
             dial[name][i, seed, j] = value
         bar.advance(weight[width], f'width {width}, seed {seed}')
@@ -548,14 +548,13 @@ LAZY_RICH_METRICS = ('accuracy', 'mse', 'drift', 'alignment_before',
 
 
 def _lazy_rich_run(apply_fn, params, alpha: float, optimizer, steps: int,
-                   dataset, ntk_fn, x_sub, theta0) -> dict:
+                   arrays, dataset, ntk_fn, x_sub, theta0) -> dict:
   """One network trained at output scale alpha (item 6 of the module
   docstring): its test metrics, NTK drift and kernel-target alignment
   before and after, on the kernel points. NaN where it diverged."""
-  result = ntkjax.train(apply_fn, params, jnp.asarray(dataset.x_train),
-                        jnp.asarray(dataset.y_train), optimizer, steps,
-                        x_test=jnp.asarray(dataset.x_test),
-                        output_scale=alpha)
+  x_train, y_train, x_test = arrays      # already on the device
+  result = ntkjax.train(apply_fn, params, x_train, y_train, optimizer, steps,
+                        x_test=x_test, output_scale=alpha)
   f_test = np.asarray(result.fx_test[-1])
   y_sub = np.asarray(dataset.y_train)[:theta0.shape[0]]
   out = dict.fromkeys(LAZY_RICH_METRICS, np.nan)

@@ -41,7 +41,8 @@ PARAMETERIZATIONS = ('ntk', 'standard')
 CovarianceMap = Callable[[Any, int], Any]
 
 
-@dataclasses.dataclass(frozen=True)
+# eq=False: W_std may be an array (differentiated), which has no == or hash.
+@dataclasses.dataclass(frozen=True, eq=False)
 class Affine:
   """Scaling, bias and kernel rule of one affine layer (module docstring).
 

@@ -286,11 +286,11 @@ def _canonical(fn: Callable) -> Callable:
   """The first-seen map with `fn`'s structure (`fn` itself if it has none,
   or one that cannot be hashed, e.g. with a traced scale)."""
   structure = getattr(fn, 'structure', None)
+  if structure is None:
+    return fn
   try:
     hash(structure)
   except TypeError:
-    return fn
-  if structure is None:
     return fn
   if structure not in _CANONICAL:
     _CANONICAL[structure] = fn
