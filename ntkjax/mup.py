@@ -91,8 +91,9 @@ class MuP:
   docstring).
 
   Args:
-    network_fn: width -> `Layer` (stax), built with
-      `parameterization='standard'` affine layers.
+    network_fn: width -> `Layer` (stax; or any (init_fn, apply_fn,
+      kernel_fn) triple), built with `parameterization='standard'` affine
+      layers.
     base_width: the width at which muP equals the standard parameterization
       (where learning rates are tuned).
     input_shape: the input shape `init_fn` is called with, e.g. (N, d).
@@ -107,14 +108,19 @@ class MuP:
     self.input_shape = tuple(input_shape)
     key = jax.random.PRNGKey(0)
     self._base = jax.eval_shape(
-        lambda: network_fn(base_width).init_fn(key, self.input_shape)[1])
+        lambda: self._init(base_width)(key, self.input_shape)[1])
     delta = jax.eval_shape(
-        lambda: network_fn(2 * base_width).init_fn(key, self.input_shape)[1])
+        lambda: self._init(2 * base_width)(key, self.input_shape)[1])
     if jax.tree.structure(self._base) != jax.tree.structure(delta):
       raise ValueError('MuP: network_fn(width) builds different parameter '
                        'structures at different widths.')
     self._roles = jax.tree.map(lambda b, d: _role(b.shape, d.shape),
                                self._base, delta)
+
+  def _init(self, width: int) -> Callable:
+    # A Layer or any (init_fn, apply_fn, kernel_fn) triple.
+    init_fn, _, _ = self.network_fn(width)
+    return init_fn
 
   def _multipliers(self, params):
     """A `_Scaling` per parameter of `params` (some width)."""
@@ -129,7 +135,7 @@ class MuP:
     """(output shape, parameters) of `network_fn(width)` in muP: the
     standard initialization with output-layer weights scaled by
     1 / sqrt(m_in)."""
-    shape, params = self.network_fn(width).init_fn(key, self.input_shape)
+    shape, params = self._init(width)(key, self.input_shape)
     scales = jax.tree.map(
         lambda m: (1. / math.sqrt(m.m_in) if m.kind == 'weight'
                    and m.infinite_in and not m.infinite_out else 1.),
@@ -174,6 +180,41 @@ class MuP:
     return optax.GradientTransformation(lambda _: optax.EmptyState(),
                                         update_fn)
 
+  def effective_ntk_fn(self, width: int, **ntk_kwargs) -> Callable:
+    """The empirical NTK that SGD follows in muP: J diag(s) J^T.
+
+    One step of `optax.chain(optax.sgd(lr), self.scale_updates(params))`
+    moves the outputs by -lr J diag(s) J^T dL/df to first order (s: the
+    learning-rate factors, `learning_rate_scales`), so this kernel, not
+    J J^T, sets muP's function-space dynamics and its largest stable
+    learning rate (`predict.max_learning_rate`). It is computed as the plain
+    empirical NTK of the reparameterized network p -> f(sqrt(s) p) at
+    p = params / sqrt(s), whose Jacobian is J diag(sqrt(s)).
+
+    Args:
+      width: the width of `network_fn(width)` the parameters belong to.
+      **ntk_kwargs: `empirical.empirical_ntk_fn` keywords (trace_axes,
+        vmap_axes, implementation, ...).
+
+    Returns:
+      `ntk_fn(x1, x2, params)`, like `empirical.empirical_ntk_fn`'s.
+    """
+    from ntkjax.empirical import empirical_ntk_fn
+    _, apply_fn, _ = self.network_fn(width)
+    shapes = jax.eval_shape(lambda: self.init_fn(jax.random.PRNGKey(0),
+                                                 width)[1])
+    root = jax.tree.map(math.sqrt, self.learning_rate_scales(shapes, 'sgd'))
+    scaled = lambda p, r: p * jnp.asarray(r, p.dtype)
+    unscaled = lambda p, r: p / jnp.asarray(r, p.dtype)
+
+    def reparameterized(p, x, **kwargs):
+      return apply_fn(jax.tree.map(scaled, p, root), x, **kwargs)
+    ntk = empirical_ntk_fn(reparameterized, **ntk_kwargs)
+
+    def ntk_fn(x1, x2, params, **kwargs):
+      return ntk(x1, x2, jax.tree.map(unscaled, params, root), **kwargs)
+    return ntk_fn
+
   @property
   def kernel_fn(self):
     """muP has no kernel limit (module docstring): raises, saying why."""
@@ -183,5 +224,6 @@ class MuP:
         'layer\'s variance falls like base_width / width) and its hidden '
         'features move O(1) in training, so no fixed kernel describes it. '
         'Use network_fn(width).kernel_fn for the standard/NTK '
-        'parameterization\'s limit, and ntkjax.feature_learning to measure '
-        'how far training moves the empirical kernel.')
+        'parameterization\'s limit, MuP.effective_ntk_fn(width) for the '
+        'finite-width kernel SGD follows under muP, and '
+        'ntkjax.feature_learning to measure how far training moves it.')

@@ -388,6 +388,63 @@ def test_cli_end_to_end_on_a_tiny_run(tmp_path, capsys):
   assert 'n/a' in report.summary_text(results)
 
 
+def test_mup_end_to_end(tmp_path, capsys):
+  """--parameterization mup: the muP networks' learning rate is half the
+  largest stable one of the kernel SGD follows in muP at the base width;
+  the NTK limit keeps its own; columns that compare with the NTK limit are
+  absent (NaN -> null), and the report says why. Base width 32 is the
+  smallest width: there muP is the standard parameterization, whose
+  kernel is ~width x the NTK parameterization's, so its rate is smaller."""
+  out = tmp_path / 'mup'
+  assert main(['compare', '--quick', '--parameterization', 'mup', '--out',
+               str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert 'gap net-lin' in printed and 'NTK same-init' not in printed
+  assert 'of muP at base width 32' in printed
+  results = json.loads((out / 'results.json').read_text())
+  assert results['parameterization'] == 'mup' and results['base_width'] == 32
+  np.testing.assert_allclose(results['learning_rate'],
+                             0.5 * results['max_learning_rate'], rtol=1e-6)
+  np.testing.assert_allclose(results['reference_learning_rate'],
+                             0.5 * results['ntk_max_learning_rate'],
+                             rtol=1e-6)
+  assert results['learning_rate'] < results['reference_learning_rate'] / 4
+  assert results['kernel_distance'] == [None, None]
+  finite = results['test_metrics']['finite']
+  assert finite['ntk_same_init']['accuracy'] == [None, None]
+  assert results['divergence']['final']['network'] == [None, None]
+  for values in (results['drift'], finite['network']['accuracy'],
+                 results['divergence']['final']['network_vs_linearized']):
+    assert all(v is not None and v > 0 for v in values), values
+  assert not (out / 'kernel_distance.png').exists()
+  for name in ('metrics_vs_width', 'divergence', 'drift'):
+    _check_png(out / f'{name}.png')
+  page = (out / 'report.html').read_text()
+  assert page.count('src="data:image/png;base64,') == 3
+  assert 'muP network vs its own linearization' in page
+  assert 'base width 32' in page
+
+
+def test_mup_flags_and_networks_without_the_keyword(tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    main(['compare', '--parameterization', 'standard'])
+  assert exit_info.value.code == 2
+  assert "invalid choice: 'standard'" in capsys.readouterr().err
+  assert main(['compare', '--base-width', '16', '--out',
+               str(tmp_path / 'o')]) == 2
+  assert 'give it with --parameterization mup' in capsys.readouterr().err
+  module = tmp_path / 'ntk_only.py'
+  module.write_text(
+      'from ntkjax import stax\n'
+      'def net(width, out_dim):\n'
+      '  return stax.serial(stax.Dense(width), stax.Relu(),\n'
+      '                     stax.Dense(out_dim))\n')
+  assert main(['compare', '--quick', '--arch', f'{module}:net',
+               '--parameterization', 'mup', '--out',
+               str(tmp_path / 'o')]) == 1
+  assert 'must accept a keyword parameterization' in capsys.readouterr().err
+
+
 def test_regression_data_end_to_end(tmp_path, capsys):
   """1-d float targets: regression, no accuracy; the report still builds."""
   rng = np.random.default_rng(4)

@@ -176,3 +176,96 @@ def test_one_hidden_layer_with_base_width_one_is_mean_field():
     updates, state = opt.update(jax.grad(mup_loss)(params), state, params)
     params = optax.apply_updates(params, updates)
   np.testing.assert_allclose(apply_fn(params, x)[:, 0], f(w, a), rtol=1e-10)
+
+
+def test_effective_ntk_is_the_kernel_sgd_follows():
+  """`effective_ntk_fn` is sum_l s_l J_l J_l^T (J_l: the Jacobian of the
+  outputs in parameter l, s_l its SGD learning-rate factor), to rounding;
+  and one muP SGD step on L = 0.5 |f - y|^2 moves the outputs by
+  -lr J diag(s) J^T (f - y) + O(lr^2): at lr 1e-4 the remainder is 5e-4 of
+  the move (measured), where with the plain J J^T it is 2.2 of it."""
+  from ntkjax.empirical import empirical_ntk_fn
+  width = 256
+  _, params = MUP.init_fn(jax.random.PRNGKey(5), width)
+  apply_fn = _network(width).apply_fn
+  effective = MUP.effective_ntk_fn(width, trace_axes=(-1,))(X, None, params)
+  jacobian = jax.jacobian(lambda p: apply_fn(p, X)[:, 0])(params)
+  scales = MUP.learning_rate_scales(params, 'sgd')
+  direct = sum(s * jnp.einsum('a...,b...->ab', j, j) for j, s in
+               zip(jax.tree.leaves(jacobian), jax.tree.leaves(scales)))
+  np.testing.assert_allclose(effective, direct, rtol=1e-12, atol=1e-12)
+
+  lr = 1e-4
+  loss = lambda p: 0.5 * jnp.sum((apply_fn(p, X) - Y)**2)
+  opt = optax.chain(optax.sgd(lr), MUP.scale_updates(params, 'sgd'))
+  updates, _ = opt.update(jax.grad(loss)(params), opt.init(params), params)
+  moved = (apply_fn(optax.apply_updates(params, updates), X)
+           - apply_fn(params, X))[:, 0]
+  residual = (apply_fn(params, X) - Y)[:, 0]
+  plain = empirical_ntk_fn(apply_fn, trace_axes=(-1,))(X, None, params)
+  relative = lambda k: float(jnp.linalg.norm(moved + lr * k @ residual)
+                             / jnp.linalg.norm(moved))
+  assert relative(effective) < 1e-2 and relative(plain) > 0.5, (
+      relative(effective), relative(plain))
+
+
+def _one_hidden_layer(width, parameterization):
+  return stax.serial(
+      stax.Dense(width, W_std=1.4, b_std=0.1,
+                 parameterization=parameterization),
+      stax.Relu(),
+      stax.Dense(1, W_std=1., b_std=0.1, parameterization=parameterization))
+
+
+def test_kernel_drift_vanishes_with_width_under_ntk_not_under_mup():
+  """Issue 18's test: 100 full-batch SGD steps (lr half the largest stable
+  one, set at the smallest width) of a one-hidden-layer ReLU network at
+  widths 256, 1024, 4096. Under the NTK parameterization the relative drift
+  of the empirical NTK and the network's gap to its linearization fall
+  with width (measured slopes -0.71 and -0.60); under muP (base 64) the
+  drift of the kernel SGD follows, J diag(s) J^T, and the gap stay put
+  (+0.06 and +0.02), and at width 4096 the muP drift is 4x the NTK one
+  (0.018 vs 0.0044): the features keep moving at every width."""
+  from ntkjax import predict, train
+  from ntkjax.empirical import empirical_ntk_fn
+  widths = (256, 1024, 4096)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((32, 8)))
+  y = jnp.sin(2 * x[:, :1])
+  mup = MuP(lambda w: _one_hidden_layer(w, 'standard'), 64, x.shape)
+  slopes, at_widest = {}, {}
+  for parameterization in ('ntk', 'mup'):
+    lr, drifts, gaps = None, [], []
+    for width in widths:
+      drift, gap = [], []
+      for seed in range(2):
+        key = jax.random.PRNGKey(seed)
+        if parameterization == 'mup':
+          layer = _one_hidden_layer(width, 'standard')
+          _, params = mup.init_fn(key, width)
+          ntk_fn = mup.effective_ntk_fn(width, trace_axes=(-1,), vmap_axes=0)
+        else:
+          layer = _one_hidden_layer(width, 'ntk')
+          _, params = layer.init_fn(key, x.shape)
+          ntk_fn = empirical_ntk_fn(layer.apply_fn, trace_axes=(-1,),
+                                    vmap_axes=0)
+        theta0 = ntk_fn(x, None, params)
+        if lr is None:
+          lr = 0.5 * float(predict.max_learning_rate(theta0, y.size))
+        opt = optax.sgd(lr)
+        if parameterization == 'mup':
+          opt = optax.chain(opt, mup.scale_updates(params, 'sgd'))
+        net = train(layer.apply_fn, params, x, y, opt, 100)
+        lin = train(layer.apply_fn, params, x, y, opt, 100, linearized=True)
+        theta1 = ntk_fn(x, None, net.params)
+        drift.append(float(jnp.linalg.norm(theta1 - theta0)
+                           / jnp.linalg.norm(theta0)))
+        gap.append(float(jnp.sqrt(jnp.mean((net.fx_train[-1]
+                                            - lin.fx_train[-1])**2))))
+      drifts.append(np.mean(drift))
+      gaps.append(np.mean(gap))
+    slopes[parameterization] = [np.polyfit(np.log(widths), np.log(v), 1)[0]
+                                for v in (drifts, gaps)]
+    at_widest[parameterization] = drifts[-1]
+  assert slopes['ntk'][0] < -0.5 and slopes['ntk'][1] < -0.4, slopes
+  assert all(abs(s) < 0.2 for s in slopes['mup']), slopes
+  assert at_widest['mup'] > 3 * at_widest['ntk'], at_widest

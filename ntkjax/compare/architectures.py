@@ -19,6 +19,11 @@ A user's network (`--arch module:function`, or `--arch file.py:function`):
 module name is imported with the current directory on the path. The digits
 are passed as (N, 64) features unless `--images` is given or the function
 has an attribute `images = True`; then as (N, 8, 8, 1).
+
+`--parameterization mup` builds the finite networks in the standard
+parameterization and hands them to `ntkjax.mup.MuP`; the presets do this
+themselves, a user's function must accept a keyword `parameterization`
+('ntk' or 'standard') and pass it to its Dense/Conv layers.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ class Architecture:
   Attributes:
     name: the `--arch` value.
     description: the network in words (for the report).
-    build: `build(width, out_dim) -> (init_fn, apply_fn, kernel_fn)`.
+    build: `build(width, out_dim, parameterization='ntk') -> (init_fn,
+      apply_fn, kernel_fn)`.
     images: whether the network wants image inputs (N, H, W, C).
   """
   name: str
@@ -59,11 +65,13 @@ class Architecture:
 
 
 def _fully_connected(activation: Callable, depth: int):
-  def build(width: int, out_dim: int):
+  def build(width: int, out_dim: int, parameterization: str = 'ntk'):
+    dense = lambda n: stax.Dense(n, W_std=W_STD, b_std=B_STD,
+                                 parameterization=parameterization)
     layers = []
     for _ in range(depth):
-      layers += [stax.Dense(width, W_std=W_STD, b_std=B_STD), activation()]
-    return stax.serial(*layers, stax.Dense(out_dim, W_std=W_STD, b_std=B_STD))
+      layers += [dense(width), activation()]
+    return stax.serial(*layers, dense(out_dim))
   return build
 
 
@@ -74,13 +82,15 @@ def _cnn(depth: int):
         'layers in this version. Use fc-relu or fc-erf, or your own network '
         'with --arch module:function.')
 
-  def build(width: int, out_dim: int):
+  def build(width: int, out_dim: int, parameterization: str = 'ntk'):
     layers = []
     for _ in range(depth):
       layers += [stax.Conv(width, (3, 3), padding='SAME', W_std=W_STD,
-                           b_std=B_STD), stax.Relu()]
+                           b_std=B_STD, parameterization=parameterization),
+                 stax.Relu()]
     return stax.serial(*layers, stax.Flatten(),
-                       stax.Dense(out_dim, W_std=W_STD, b_std=B_STD))
+                       stax.Dense(out_dim, W_std=W_STD, b_std=B_STD,
+                                  parameterization=parameterization))
   return build
 
 
@@ -156,12 +166,25 @@ def custom(spec: str) -> Architecture:
   except ValueError:
     pass  # no signature to inspect (a builtin); find out when calling it
 
-  def build(width: int, out_dim: int):
+  def build(width: int, out_dim: int, parameterization: str = 'ntk'):
+    kwargs = {}
+    if parameterization != 'ntk':
+      # Only asked for when needed: networks written for the NTK
+      # parameterization keep working without the keyword.
+      if not _accepts_keyword(function, 'parameterization'):
+        raise ArchitectureError(
+            f'--arch {spec}: --parameterization mup builds the networks in '
+            f'the standard parameterization, so {function_name} must accept '
+            f'a keyword parameterization (\'ntk\' or \'standard\') and '
+            'pass it to its Dense/Conv layers.')
+      kwargs['parameterization'] = parameterization
+    call = ', '.join([str(width), str(out_dim)] +
+                     [f'{k}={v!r}' for k, v in kwargs.items()])
     try:
-      layer = function(width, out_dim)
+      layer = function(width, out_dim, **kwargs)
     except Exception as error:  # noqa: BLE001
-      raise ArchitectureError(f'--arch {spec}: {function_name}({width}, '
-                              f'{out_dim}) raised {type(error).__name__}: '
+      raise ArchitectureError(f'--arch {spec}: {function_name}({call}) '
+                              f'raised {type(error).__name__}: '
                               f'{error}') from error
     if not (isinstance(layer, tuple) and len(layer) == 3
             and all(callable(f) for f in layer)):
@@ -174,6 +197,16 @@ def custom(spec: str) -> Architecture:
   return Architecture(spec, f'{spec}(width, out_dim)', build, images)
 
 
+def _accepts_keyword(function: Callable, name: str) -> bool:
+  try:
+    inspect.signature(function).bind(64, 10, **{name: 'standard'})
+  except TypeError:
+    return False
+  except ValueError:
+    return True   # no signature to inspect; find out when calling it
+  return True
+
+
 def resolve(arch: str, depth: int = 1) -> Architecture:
   """An `--arch` value: a preset name or module:function."""
   if ':' in arch:
@@ -182,8 +215,9 @@ def resolve(arch: str, depth: int = 1) -> Architecture:
 
 
 def build_checked(architecture: Architecture, width: int, out_dim: int,
-                  input_shape: tuple):
-  """Builds the network at `width` and checks its output shape abstractly.
+                  input_shape: tuple, parameterization: str = 'ntk'):
+  """Builds the network at `width` (in `parameterization`, 'ntk' or
+  'standard') and checks its output shape abstractly.
 
   Returns:
     `(init_fn, apply_fn, kernel_fn)`.
@@ -192,7 +226,7 @@ def build_checked(architecture: Architecture, width: int, out_dim: int,
     ArchitectureError: the network does not accept the inputs or does not
       give (N, out_dim) outputs.
   """
-  layer = architecture.build(width, out_dim)
+  layer = architecture.build(width, out_dim, parameterization)
   init_fn, apply_fn, kernel_fn = layer
   box = {}
 

@@ -118,7 +118,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     help='absolute learning rate of optax.sgd')
   rate.add_argument('--lr-fraction', type=_fraction, default=0.5,
                     help='learning rate as a fraction of the largest stable '
-                         'one of the infinite-width NTK [default: 0.5]')
+                         'one of the infinite-width NTK (muP: of its kernel '
+                         'at the base width) [default: 0.5]')
   parser.add_argument('--train-size', type=_int_at_least(2), default=None,
                       help='use the first N training examples [default: all]')
   parser.add_argument('--test-size', type=_int_at_least(1), default=None,
@@ -143,6 +144,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                            'report test metrics, kernel drift and '
                            'kernel-target alignment against alpha '
                            '[default: none]')
+  parser.add_argument('--parameterization', choices=('ntk', 'mup'),
+                      default='ntk',
+                      help='the finite networks\' parameterization: ntk, '
+                           'whose limit is the kernel, or mup (maximal '
+                           'update, Yang & Hu 2021), which keeps learning '
+                           'features at every width; the report then shows '
+                           'where the kernel description breaks [default: '
+                           'ntk]')
+  parser.add_argument('--base-width', type=_int_at_least(1), default=None,
+                      help='muP\'s base width, where it equals the standard '
+                           'parameterization and its learning rate is set '
+                           '[default: the smallest width]')
   parser.add_argument('--quick', action='store_true',
                       help='a tiny run in seconds (widths 32,128, 1 seed, 20 '
                            'steps, 100 train / 100 test); other flags override')
@@ -168,7 +181,8 @@ def config_from_args(args):
       lr_fraction=args.lr_fraction, train_size=pick('train_size'),
       test_size=pick('test_size'), kernel_points=pick('kernel_points'),
       records=pick('records'), images=args.images, center=args.center,
-      alphas=args.alpha)
+      alphas=args.alpha, parameterization=args.parameterization,
+      base_width=args.base_width)
 
 
 def _writable(path: str) -> bool:
@@ -184,6 +198,10 @@ def main(args) -> int:
   """Runs `ntkjax compare` for parsed flags; returns the exit code."""
   from ntkjax import compare
   from ntkjax.compare import report
+  if args.base_width is not None and args.parameterization != 'mup':
+    print('ntkjax compare: error: --base-width is muP\'s; give it with '
+          '--parameterization mup.', file=sys.stderr)
+    return 2
   config = config_from_args(args)
   if os.path.exists(config.out) and not os.path.isdir(config.out):
     print(f'ntkjax compare: error: --out {config.out} exists and is not a '
@@ -195,7 +213,8 @@ def main(args) -> int:
           'choose a writable folder.', file=sys.stderr)
     return 1
   stale = [os.path.join(config.out, name) for name in
-           ['report.html'] + [f'{plot}.png' for plot in report.PLOTS]]
+           ['report.html'] + [f'{plot}.png' for plot in
+                                      report.PLOTS + report.OPTIONAL_PLOTS]]
   stale = [path for path in stale if os.path.isfile(path)]
   for path in stale:
     # A previous run's report beside this run's (maybe partial) results

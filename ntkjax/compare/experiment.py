@@ -24,6 +24,22 @@ For one architecture, at every width n and for every seed:
    before and after (`ntkjax.feature_learning`). Large alpha is the kernel
    regime (drift ~ 1/alpha); small alpha learns features.
 
+With `parameterization='mup'` the finite networks are the muP ones
+(`ntkjax.mup.MuP`, relative to `base_width`): built in the standard
+parameterization, output layer scaled at initialization, and trained by
+`optax.chain(optax.sgd(lr), mup.scale_updates(...))`. muP has no kernel
+limit (Yang & Hu 2021), so the reference stays the NTK parameterization's
+infinite-width NNGP/NTK of the same architecture (step 1, at its own
+learning rate), and the steps that compare a network with that kernel
+(3 and 4's same-init dynamics and gaps) are left out (NaN). What remains
+is what muP is about: test metrics against width, each network's gap to
+its own linearization, and the drift and alignment of the kernel that
+SGD follows in muP, J diag(s) J^T (`MuP.effective_ntk_fn`, s the
+learning-rate factors), which stays O(1) at every width where the NTK
+parameterization's falls. The networks' learning rate is `lr_fraction` of
+the largest stable one of that kernel at the base width (seed 0, all
+training inputs): muP's rates transfer across widths.
+
 Centering (default): a network's output at initialization is a random
 function f_0 whose size does not shrink with width (for W_std = 1.5 its
 standard deviation exceeds the targets'), so one trained network equals the
@@ -89,6 +105,9 @@ class Config:
       f(params, x) - f(params_0, x) (see `run`).
     alphas: output scales of the lazy-rich sweep (item 6 above); empty:
       none.
+    parameterization: 'ntk' (the networks of the kernel limit) or 'mup'
+      (module docstring).
+    base_width: muP's base width; None: the smallest of `widths`.
   """
   out: str = 'compare_output'
   data: Optional[str] = None
@@ -106,6 +125,8 @@ class Config:
   images: bool = False
   center: bool = True
   alphas: Sequence[float] = ()
+  parameterization: str = 'ntk'
+  base_width: Optional[int] = None
 
   def to_json(self) -> dict:
     out = dataclasses.asdict(self)
@@ -388,8 +409,17 @@ def _run(config: Config, stream: TextIO) -> dict:
     input_shape = tuple(dataset.x_train.shape[1:])
     out_dim = dataset.n_outputs
     widths = [int(w) for w in config.widths]
-    networks = {w: architectures.build_checked(arch, w, out_dim, input_shape)
-                for w in widths}
+    mup_mode = config.parameterization == 'mup'
+    networks = {w: architectures.build_checked(
+        arch, w, out_dim, input_shape,
+        'standard' if mup_mode else 'ntk') for w in widths}
+    # The infinite-width reference: the NTK parameterization's limit.
+    reference = (architectures.build_checked(arch, widths[0], out_dim,
+                                             input_shape)
+                 if mup_mode else networks[widths[0]])
+    base_width = (config.base_width or widths[0]) if mup_mode else None
+    mup = (_mup_family(arch, out_dim, input_shape, base_width) if mup_mode
+           else None)
     n_params = {w: _count_params(networks[w][0], input_shape) for w in widths}
     kernel_points = min(config.kernel_points, len(dataset.x_train))
     record = record_schedule(config.steps, config.records)
@@ -401,6 +431,7 @@ def _run(config: Config, stream: TextIO) -> dict:
       'architecture': {'name': arch.name, 'description': arch.description},
       'widths': widths, 'n_params': [n_params[w] for w in widths],
       'seeds': list(range(config.seeds)), 'steps': config.steps,
+      'parameterization': config.parameterization, 'base_width': base_width,
       'record_steps': list(record), 'kernel_points': kernel_points})
   write_json(results, json_path)
 
@@ -409,7 +440,7 @@ def _run(config: Config, stream: TextIO) -> dict:
   with stage('infinite width'):
     # Under the NTK parameterization the kernel does not depend on the
     # width; any width's kernel_fn is the infinite-width one.
-    kernel_fn = jax.jit(networks[widths[0]][2], static_argnames='get')
+    kernel_fn = jax.jit(reference[2], static_argnames='get')
     with Progress('   kernels', 2, stream) as bar:
       try:
         k_train = kernel_fn(x_train, None, ('nngp', 'ntk'))
@@ -429,14 +460,25 @@ def _run(config: Config, stream: TextIO) -> dict:
       if id(x1) in cached and get == ('nngp', 'ntk'):
         return cached[id(x1)]
       return kernel_fn(x1, x2, get)
-    max_lr = float(predict.max_learning_rate(k_train.ntk, y_train.size))
+    ntk_max_lr = float(predict.max_learning_rate(k_train.ntk, y_train.size))
+    if mup_mode:
+      # The NTK limit runs at its own rate; the muP networks at a fraction
+      # of the largest stable rate of their own kernel (module docstring).
+      reference_lr = config.lr_fraction * ntk_max_lr
+      max_lr = _mup_max_learning_rate(mup, base_width, x_train, y_train.size)
+      where = f'for muP at base width {base_width}'
+    else:
+      reference_lr = max_lr = ntk_max_lr
+      where = 'at infinite width'
     lr = (float(config.learning_rate) if config.learning_rate is not None
           else config.lr_fraction * max_lr)
+    if not mup_mode:
+      reference_lr = lr
     if lr >= max_lr:
       stream.write(f'   warning: learning rate {lr:.4g} >= {max_lr:.4g}, the '
-                   'largest stable one at infinite width; expect divergence.\n')
-    ensemble = predict.gradient_descent_mse_ensemble(known_kernels, x_train,
-                                                     y_train, learning_rate=lr)
+                   f'largest stable one {where}; expect divergence.\n')
+    ensemble = predict.gradient_descent_mse_ensemble(
+        known_kernels, x_train, y_train, learning_rate=reference_lr)
     infinite = {}
     with Progress('   predictions', 2, stream) as bar:
       for name, t in (('', None), ('_at_steps', config.steps)):
@@ -447,10 +489,15 @@ def _run(config: Config, stream: TextIO) -> dict:
               'test_accuracy': accuracy(f, dataset.labels_test),
               'test_mse': mean_squared_error(f, dataset.y_test)}
         bar.advance(1, 't = inf' if t is None else f't = {t}')
-    dynamics = DiscreteNtkDynamics(k_train.ntk, k_test.ntk, dataset.y_train, lr)
+    # The same-init NTK dynamics and the kernel distance compare a network
+    # with the NTK limit: only in the NTK parameterization.
+    dynamics = (None if mup_mode else DiscreteNtkDynamics(
+        k_train.ntk, k_test.ntk, dataset.y_train, lr))
     theta_sub = np.asarray(k_train.ntk)[:kernel_points, :kernel_points]
   results.update({'learning_rate': lr, 'max_learning_rate': max_lr,
-                  'learning_rate_fraction': lr / max_lr})
+                  'learning_rate_fraction': lr / max_lr,
+                  'reference_learning_rate': reference_lr,
+                  'ntk_max_learning_rate': ntk_max_lr})
   results['test_metrics'] = {'infinite': infinite}
   write_json(results, json_path)
 
@@ -475,31 +522,42 @@ def _run(config: Config, stream: TextIO) -> dict:
       '   training', sum(weight.values()) * n_s, stream) as bar:
     for i, width in enumerate(widths):
       init_fn, apply_fn, _ = networks[width]
-      ntk_fn = jax.jit(empirical_ntk_fn(
-          apply_fn, trace_axes=(-1,), vmap_axes=0,
-          implementation=NtkImplementation.AUTO))
+      ntk_kwargs = dict(trace_axes=(-1,), vmap_axes=0,
+                        implementation=NtkImplementation.AUTO)
+      if mup_mode:
+        init_fn = lambda key, _, width=width: mup.init_fn(key, width)
+        ntk_fn = jax.jit(mup.effective_ntk_fn(width, **ntk_kwargs))
+        shapes = jax.eval_shape(lambda: init_fn(jax.random.key(0), None)[1])
+        width_optimizer = optax.chain(optimizer,
+                                      mup.scale_updates(shapes, 'sgd'))
+      else:
+        ntk_fn = jax.jit(empirical_ntk_fn(apply_fn, **ntk_kwargs))
+        width_optimizer = optimizer
       forward = jax.jit(apply_fn)
       for seed in range(n_s):
         key = jax.random.fold_in(jax.random.key(seed), width)
         _, params = init_fn(key, (-1,) + input_shape)
         theta0 = np.asarray(ntk_fn(x_sub, None, params))
-        per_seed['kernel_distance'][i, seed] = relative_distance(theta0,
-                                                                 theta_sub)
+        if not mup_mode:
+          per_seed['kernel_distance'][i, seed] = relative_distance(theta0,
+                                                                   theta_sub)
         f0_train, f0_test = forward(params, x_train), forward(params, x_test)
         # Centered: |f - f_0 - y|^2 = |f - (y + f_0)|^2 (module docstring).
         targets = y_train + f0_train if config.center else y_train
         runs = {}
         for name, linearized in (('network', False), ('linearized', True)):
-          result = ntkjax.train(apply_fn, params, x_train, targets, optimizer,
-                                config.steps, record_steps=record,
-                                x_test=x_test, linearized=linearized)
+          result = ntkjax.train(apply_fn, params, x_train, targets,
+                                width_optimizer, config.steps,
+                                record_steps=record, x_test=x_test,
+                                linearized=linearized)
           f_test = np.asarray(result.fx_test)
           runs[name] = (result, f_test - np.asarray(f0_test) if config.center
                         else f_test)
         start_train = 0. if config.center else np.asarray(f0_train)
         start_test = 0. if config.center else np.asarray(f0_test)
-        _, ref_test = dynamics(record, np.broadcast_to(start_train, y_shape),
-                               np.broadcast_to(start_test, y_test_shape))
+        ref_test = None if dynamics is None else dynamics(
+            record, np.broadcast_to(start_train, y_shape),
+            np.broadcast_to(start_test, y_test_shape))[1]
         for name, (result, f_test) in runs.items():
           if not np.all(np.isfinite(f_test)):
             diverged.append({'width': width, 'seed': seed, 'model': name})
@@ -509,20 +567,22 @@ def _run(config: Config, stream: TextIO) -> dict:
                 f_test[-1], dataset.labels_test)
           per_seed[f'{name}_mse'][i, seed] = mean_squared_error(
               f_test[-1], dataset.y_test)
-          gaps[name][i, seed] = rms_gap(f_test, ref_test)
+          if ref_test is not None:
+            gaps[name][i, seed] = rms_gap(f_test, ref_test)
         net = runs['network'][0]
         gaps['network_vs_linearized'][i, seed] = rms_gap(runs['network'][1],
                                                          runs['linearized'][1])
-        if dataset.labels_test is not None:
+        if ref_test is not None and dataset.labels_test is not None:
           per_seed['ntk_same_init_accuracy'][i, seed] = accuracy(
               ref_test[-1], dataset.labels_test)
-        per_seed['ntk_same_init_mse'][i, seed] = mean_squared_error(
-            ref_test[-1], dataset.y_test)
+        if ref_test is not None:
+          per_seed['ntk_same_init_mse'][i, seed] = mean_squared_error(
+              ref_test[-1], dataset.y_test)
         if np.all(np.isfinite(np.asarray(net.loss))):
           theta_t = np.asarray(ntk_fn(x_sub, None, net.params))
           per_seed['drift'][i, seed] = relative_distance(theta_t, theta0)
         for j, alpha in enumerate(alphas):
-          metrics = _lazy_rich_run(apply_fn, params, alpha, optimizer,
+          metrics = _lazy_rich_run(apply_fn, params, alpha, width_optimizer,
                                    config.steps, (x_train, y_train, x_test),
                                    dataset, ntk_fn, x_sub, theta0)
           for name, value in metrics.items():
@@ -541,6 +601,30 @@ def _run(config: Config, stream: TextIO) -> dict:
   timings['total'] = time.perf_counter() - started
   write_json(results, json_path)
   return results
+
+
+def _mup_family(arch, out_dim: int, input_shape: tuple, base_width: int):
+  """`MuP` of the architecture's standard-parameterization networks."""
+  from ntkjax.mup import MuP
+  try:
+    return MuP(lambda width: arch.build(width, out_dim, 'standard'),
+               base_width, (-1,) + tuple(input_shape))
+  except (ValueError, TypeError) as error:
+    raise architectures.ArchitectureError(
+        f'--arch {arch.name} --parameterization mup: {error}') from error
+
+
+def _mup_max_learning_rate(mup, base_width: int, x_train, y_size: int
+                           ) -> float:
+  """The largest stable SGD rate of muP at its base width: from the
+  kernel SGD follows there (`MuP.effective_ntk_fn`), on all training
+  inputs, seed 0. muP's point is that this rate transfers to every width."""
+  ntk_fn = jax.jit(mup.effective_ntk_fn(
+      base_width, trace_axes=(-1,), vmap_axes=0,
+      implementation=NtkImplementation.AUTO))
+  _, params = mup.init_fn(jax.random.key(0), base_width)
+  return float(predict.max_learning_rate(ntk_fn(x_train, None, params),
+                                         y_size))
 
 
 LAZY_RICH_METRICS = ('accuracy', 'mse', 'drift', 'alignment_before',
@@ -605,5 +689,8 @@ def _summarize(results: dict, per_seed: dict, gaps: dict, widths, record,
                      'final_slope': fit.slope,
                      'final_slope_stderr': fit.stderr,
                      'final_prefactor': fit.prefactor})
+  between = fit_power_law(widths, gaps['network_vs_linearized'][:, :, -1])
+  divergence.update({'network_vs_linearized_slope': between.slope,
+                     'network_vs_linearized_slope_stderr': between.stderr})
   results['divergence'] = divergence
   results['diverged'] = list(diverged)

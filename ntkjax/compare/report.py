@@ -69,6 +69,28 @@ def _classification(results: dict) -> bool:
   return bool(results['data'].get('classification'))
 
 
+def _mup(results: dict) -> bool:
+  """Whether the networks are muP's (`--parameterization mup`); results
+  files written before the flag existed are the NTK parameterization's."""
+  return results.get('parameterization', 'ntk') == 'mup'
+
+
+def _title(results: dict, plot: str) -> str:
+  if _mup(results) and plot == 'divergence':
+    return 'muP network vs its own linearization (no kernel limit)'
+  if _mup(results) and plot == 'drift':
+    return 'Kernel drift during training vs width (muP: features move)'
+  return TITLES[plot]
+
+
+def plot_names(results: dict) -> tuple:
+  """The plots a run has: under muP no kernel distance (there is no
+  kernel limit to measure it from); the lazy-rich dial with `--alpha`."""
+  names = tuple(n for n in PLOTS
+                if not (_mup(results) and n == 'kernel_distance'))
+  return names + tuple(n for n in OPTIONAL_PLOTS if results.get(n))
+
+
 # ----------------------------------------------------------------------------
 # Readings: one to three sentences per plot, from the numbers.
 
@@ -97,14 +119,19 @@ def readings(results: dict) -> dict:
   finite = results['test_metrics']['finite']
   infinite = results['test_metrics']['infinite']
   out = {}
+  mup = _mup(results)
+  who = (f'the muP networks (base width {results.get("base_width")})' if mup
+         else 'the networks')
   if _classification(results):
     net, lin = _array(finite['network']['accuracy']), _array(
         finite['linearized']['accuracy'])
     out['metrics_vs_width'] = (
-        f'Trained for {steps} steps, the networks reach {_pct(net[-1])} test '
+        f'Trained for {steps} steps, {who} reach {_pct(net[-1])} test '
         f'accuracy at width {w1} ({_pct(net[0])} at width {w0}; mean of '
         f'{seeds} seed{"s" if seeds > 1 else ""}), their linearized twins '
-        f'{_pct(lin[-1])}. The infinite-width NTK reaches '
+        f'{_pct(lin[-1])}. The infinite-width NTK'
+        + (' (NTK parameterization, at its own learning rate)' if mup else '')
+        + ' reaches '
         f'{_pct(infinite["ntk_at_steps"]["test_accuracy"])} after the same '
         f'time and {_pct(infinite["ntk"]["test_accuracy"])} at t = inf; the '
         f'NNGP (Bayesian posterior mean) '
@@ -112,11 +139,13 @@ def readings(results: dict) -> dict:
   else:
     net = _array(finite['network']['mse'])
     out['metrics_vs_width'] = (
-        f'Trained for {steps} steps, the networks reach test MSE {_g(net[-1])} '
+        f'Trained for {steps} steps, {who} reach test MSE {_g(net[-1])} '
         f'at width {w1} ({_g(net[0])} at width {w0}); the infinite-width NTK '
         f'{_g(infinite["ntk_at_steps"]["test_mse"])} after the same time and '
         f'{_g(infinite["ntk"]["test_mse"])} at t = inf, the NNGP '
         f'{_g(infinite["nngp"]["test_mse"])}.')
+  if mup:
+    return {**out, **_mup_readings(results)}
   distance = _array(results['kernel_distance'])
   out['kernel_distance'] = (
       f'At initialization the empirical NTK is {_pct(distance[0])} away from '
@@ -159,21 +188,82 @@ def readings(results: dict) -> dict:
       'network, the lazier its training and the better one fixed kernel '
       'describes it.')
   if results.get('lazy_rich'):
-    dial = results['lazy_rich']
-    alphas = dial['alphas']
-    drift = _array(dial['drift'])[-1]
-    before = _array(dial['alignment_before'])[-1]
-    after = _array(dial['alignment_after'])[-1]
-    out['lazy_rich'] = (
-        f'At width {w1}, training alpha (f - f_0) on loss / alpha^2 moves the '
-        f'empirical NTK by {_pct(drift[0])} at alpha = {_g(alphas[0])} and '
-        f'{_pct(drift[-1])} at alpha = {_g(alphas[-1])}; its centered '
-        f'alignment with the targets goes from {_g(before[0])} to '
-        f'{_g(after[0])} at alpha = {_g(alphas[0])} and to {_g(after[-1])} at '
-        f'alpha = {_g(alphas[-1])}. Large alpha is the kernel regime (drift '
-        '~ 1/alpha, Chizat et al. 2019); where the drift is O(1) the network '
-        'learns features and the kernel description breaks.')
+    out['lazy_rich'] = _lazy_rich_reading(results)
   return out
+
+
+def _last_slope(widths, values) -> float:
+  """The log-log slope between the two widest widths: whether a quantity
+  has levelled off (muP's limit) is read where the widths are largest."""
+  if len(widths) < 2 or not np.all(np.isfinite(values[-2:])) or np.any(
+      values[-2:] <= 0):
+    return math.nan
+  return float(np.log(values[-1] / values[-2])
+               / np.log(widths[-1] / widths[-2]))
+
+
+def _mup_readings(results: dict) -> dict:
+  """Readings of the divergence and drift plots under muP.
+
+  muP keeps the features moving by an O(1) amount at every width (Yang & Hu
+  2021), but that amount is set by the base width: at the base muP is the
+  standard parameterization, whose NTK is dominated by the readout's
+  contribution (~ base width x the others'), so the stable learning rate,
+  set there, moves the features slowly. Beside it sits the finite-width
+  fluctuation, ~ n^-1/2. A quantity therefore falls with width first and
+  levels off once the fluctuation is below muP's feature learning; the
+  readings give the slope between the two widest widths.
+  """
+  widths, steps = results['widths'], results['steps']
+  w0, w1 = widths[0], widths[-1]
+  between = _array(results['divergence']['final']['network_vs_linearized'])
+  drift = _array(results['drift'])
+
+  def tail(values) -> str:
+    slope = _last_slope(widths, values)
+    if not math.isfinite(slope):
+      return ''
+    text = (f'; between the two widest widths the slope is {slope:.2f}')
+    if slope > -0.2:
+      return text + (', it has levelled off: the features move at every '
+                     'width and no fixed kernel describes the networks')
+    return text + (', still falling: at these widths the finite-width '
+                   'fluctuation (~n^-1/2) exceeds the feature learning, which '
+                   'a smaller --base-width makes stronger (base 1, one hidden '
+                   'layer: mean field)')
+  return {
+      'divergence': (
+          f'muP has no kernel limit to compare with, so each network is '
+          f'compared with its own linearization: after {steps} steps their '
+          f'test outputs differ by RMS {_g(between[0])} at width {w0} and '
+          f'{_g(between[-1])} at width {w1}' + tail(between) + '. Under the '
+          'NTK parameterization this gap vanishes like n^-1/2 or faster.'),
+      'drift': (
+          f'Training moves the kernel SGD follows in muP, J diag(s) J^T, by '
+          f'{_pct(drift[0])} at width {w0} and {_pct(drift[-1])} at width '
+          f'{w1}, like n^({_slope(results, "drift")}) over all widths'
+          + tail(drift) + '. Under the NTK parameterization the drift falls '
+          'like n^-1/2 to n^-1 (lazy training); muP keeps it O(1) (Yang & '
+          'Hu 2021).'),
+      **({'lazy_rich': _lazy_rich_reading(results)}
+         if results.get('lazy_rich') else {})}
+
+
+def _lazy_rich_reading(results: dict) -> str:
+  dial = results['lazy_rich']
+  alphas = dial['alphas']
+  drift = _array(dial['drift'])[-1]
+  before = _array(dial['alignment_before'])[-1]
+  after = _array(dial['alignment_after'])[-1]
+  return (
+      f'At width {results["widths"][-1]}, training alpha (f - f_0) on loss / '
+      f'alpha^2 moves the empirical NTK by {_pct(drift[0])} at alpha = '
+      f'{_g(alphas[0])} and {_pct(drift[-1])} at alpha = {_g(alphas[-1])}; '
+      f'its centered alignment with the targets goes from {_g(before[0])} to '
+      f'{_g(after[0])} at alpha = {_g(alphas[0])} and to {_g(after[-1])} at '
+      f'alpha = {_g(alphas[-1])}. Large alpha is the kernel regime (drift '
+      '~ 1/alpha, Chizat et al. 2019); where the drift is O(1) the network '
+      'learns features and the kernel description breaks.')
 
 
 # ----------------------------------------------------------------------------
@@ -276,6 +366,8 @@ def _loglog_vs_width(results, name, ylabel, path, plt, title,
 
 
 def plot_divergence(results: dict, path: str, plt) -> None:
+  if _mup(results):
+    return _plot_network_vs_linearized(results, path, plt)
   widths = results['widths']
   div = results['divergence']
   steps = np.asarray(div['steps'], np.float64)
@@ -307,6 +399,40 @@ def plot_divergence(results: dict, path: str, plt) -> None:
   _fit_lines(right, fit, 'final', widths, final, 'C0')
   _width_axis(right, widths)
   _log_scale(right, final, _array(div['final']['linearized']))
+  right.set_ylabel(f'RMS gap after {results["steps"]} steps')
+  right.set_title('at the end of training', fontsize=10)
+  right.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _plot_network_vs_linearized(results: dict, path: str, plt) -> None:
+  """muP's divergence plot: each network against its own linearization
+  (there is no kernel limit to compare with)."""
+  widths = results['widths']
+  div = results['divergence']
+  steps = np.asarray(div['steps'], np.float64)
+  between = _array(div['network_vs_linearized'])
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+  colors = plt.get_cmap('viridis')(np.linspace(0, 0.9, len(widths)))
+  later = steps > 0
+  for i, width in enumerate(widths):
+    left.plot(steps[later], between[i, later], '-', color=colors[i],
+              label=f'n = {width}')
+  left.set_xscale('log')
+  _log_scale(left, between[:, later])
+  left.set_xlabel('step')
+  left.set_ylabel(r'RMS $f_n - f_n^{\mathrm{lin}}$ on test outputs')
+  left.set_title('muP network vs its linearization, along training',
+                 fontsize=10)
+  left.grid(True, which='both', alpha=0.3)
+  left.legend(fontsize=7, ncol=2)
+  final = _array(div['final']['network_vs_linearized'])
+  right.plot(widths, final, '^', color='C3', ms=7,
+             label='network vs linearized')
+  _width_axis(right, widths)
+  _log_scale(right, final)
   right.set_ylabel(f'RMS gap after {results["steps"]} steps')
   right.set_title('at the end of training', fontsize=10)
   right.legend(fontsize=8)
@@ -354,20 +480,24 @@ def write_plots(results: dict, out_dir: str) -> dict:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  paths = {name: os.path.join(out_dir, f'{name}.png') for name in PLOTS}
+  paths = {name: os.path.join(out_dir, f'{name}.png')
+           for name in plot_names(results)}
   plot_metrics(results, paths['metrics_vs_width'], plt)
-  _loglog_vs_width(results, 'kernel_distance',
-                   r'$\|\Theta_n - \Theta\|_F \,/\, \|\Theta\|_F$',
-                   paths['kernel_distance'], plt,
-                   f'at initialization, {results["kernel_points"]} inputs')
+  if 'kernel_distance' in paths:
+    _loglog_vs_width(results, 'kernel_distance',
+                     r'$\|\Theta_n - \Theta\|_F \,/\, \|\Theta\|_F$',
+                     paths['kernel_distance'], plt,
+                     f'at initialization, {results["kernel_points"]} inputs')
   plot_divergence(results, paths['divergence'], plt)
-  if results.get('lazy_rich'):
-    paths['lazy_rich'] = os.path.join(out_dir, 'lazy_rich.png')
+  if 'lazy_rich' in paths:
     plot_lazy_rich(results, paths['lazy_rich'], plt)
+  # muP's drift does not vanish: theory slope 0 (Yang & Hu 2021).
   _loglog_vs_width(results, 'drift',
                    r'$\|\Theta_T - \Theta_0\|_F \,/\, \|\Theta_0\|_F$',
                    paths['drift'], plt,
-                   f'after {results["steps"]} steps', theory=(-0.5, -1.))
+                   f'after {results["steps"]} steps'
+                   + (', kernel J diag(s) J^T of muP' if _mup(results) else ''),
+                   theory=(0.,) if _mup(results) else (-0.5, -1.))
   return paths
 
 
@@ -384,20 +514,22 @@ def table_rows(results: dict) -> tuple:
   fmt = _pct if classification else _g
   header = ['width', 'kernel dist.', 'drift',
             f'net {metric}', f'lin. {metric}', f'NTK same-init {metric}',
-            'gap net-NTK', 'gap lin-NTK']
-  rows = []
-  columns = {
-      'kernel': _array(results['kernel_distance']),
-      'drift': _array(results['drift']),
-      'net': _array(finite['network'][metric]),
-      'lin': _array(finite['linearized'][metric]),
-      'same': _array(finite['ntk_same_init'][metric]),
-      'gap_net': _array(div['network']), 'gap_lin': _array(div['linearized'])}
-  for i, width in enumerate(results['widths']):
-    rows.append([str(width), _g(columns['kernel'][i]), _g(columns['drift'][i]),
-                 fmt(columns['net'][i]), fmt(columns['lin'][i]),
-                 fmt(columns['same'][i]), _g(columns['gap_net'][i]),
-                 _g(columns['gap_lin'][i])])
+            'gap net-NTK', 'gap lin-NTK', 'gap net-lin']
+  columns = [
+      (_g, _array(results['kernel_distance'])),
+      (_g, _array(results['drift'])),
+      (fmt, _array(finite['network'][metric])),
+      (fmt, _array(finite['linearized'][metric])),
+      (fmt, _array(finite['ntk_same_init'][metric])),
+      (_g, _array(div['network'])), (_g, _array(div['linearized'])),
+      (_g, _array(div['network_vs_linearized']))]
+  if _mup(results):
+    # Columns that compare with the NTK limit do not exist under muP.
+    keep = (2, 3, 4, 8)
+    header = [header[0]] + [header[j] for j in keep]
+    columns = [columns[j - 1] for j in keep]
+  rows = [[str(width)] + [form(values[i]) for form, values in columns]
+          for i, width in enumerate(results['widths'])]
   return header, rows
 
 
@@ -416,6 +548,16 @@ def _infinite_lines(results: dict) -> list:
   return lines
 
 
+def _learning_rate_text(results: dict) -> str:
+  text = (f'learning rate {_g(results["learning_rate"], 4)} '
+          f'({_g(results["learning_rate_fraction"], 2)} x max '
+          f'{_g(results["max_learning_rate"], 4)}')
+  if _mup(results):
+    text += (f' of muP at base width {results["base_width"]}; the NTK limit '
+             f'at {_g(results["reference_learning_rate"], 4)}')
+  return text + ')'
+
+
 def summary_text(results: dict) -> str:
   """The table printed on the terminal."""
   header, rows = table_rows(results)
@@ -428,15 +570,18 @@ def summary_text(results: dict) -> str:
   out += ['infinite width, ' + line for line in _infinite_lines(results)]
   div = results['divergence']
   gap_se = _num(div['final_slope_stderr'])
-  out.append(f'slopes vs width: kernel distance '
-             f'{_slope(results, "kernel_distance")} (theory -1/2), gap at the '
-             f'end {_slope_text(_num(div["final_slope"]), gap_se)} '
-             f'(theory -1/2), drift {_slope(results, "drift")} (theory -1/2 '
-             'to -1)')
-  out.append(f'learning rate {_g(results["learning_rate"], 4)} '
-             f'({_g(results["learning_rate_fraction"], 2)} x max '
-             f'{_g(results["max_learning_rate"], 4)}), {results["steps"]} '
-             f'steps, {len(results["seeds"])} seed(s)')
+  if _mup(results):
+    out.append(f'slope vs width: drift {_slope(results, "drift")} (muP: 0, '
+               'features move at every width; NTK parameterization: -1/2 to '
+               '-1)')
+  else:
+    out.append(f'slopes vs width: kernel distance '
+               f'{_slope(results, "kernel_distance")} (theory -1/2), gap at '
+               f'the end {_slope_text(_num(div["final_slope"]), gap_se)} '
+               f'(theory -1/2), drift {_slope(results, "drift")} (theory -1/2 '
+               'to -1)')
+  out.append(f'{_learning_rate_text(results)}, {results["steps"]} steps, '
+             f'{len(results["seeds"])} seed(s)')
   if results.get('lazy_rich'):
     dial = results['lazy_rich']
     out.append(f'lazy-rich dial at width {results["widths"][-1]}: ' + ', '.join(
@@ -477,9 +622,16 @@ def _table_html(header, rows, left_first: bool = True) -> str:
   return f'<table><tr>{head}</tr>{body}</table>'
 
 
+_MUP_INTRO = (' Here the networks are muP\'s, which has no kernel limit: they '
+              'keep learning features at every width, so their kernel '
+              'keeps moving and the gap to their own linearization does not '
+              'close. This is where the kernel description breaks.')
+
+
 def write_html(results: dict, plots: dict, path: str) -> None:
   """A self-contained report: embedded PNGs, inline CSS, readings."""
   read = readings(results)
+  mup = _mup(results)
   config = results['config']
   data = results['data']
   facts = [
@@ -490,12 +642,22 @@ def write_html(results: dict, plots: dict, path: str) -> None:
       ('network', f'{results["architecture"]["name"]}: '
                   f'{results["architecture"]["description"]}'),
       ('widths', ', '.join(map(str, results['widths']))),
-      ('training', f'full-batch gradient descent (optax.sgd), MSE loss, '
+      ('parameterization',
+       f'muP (maximal update, Yang & Hu 2021) relative to base width '
+       f'{results.get("base_width")}; the infinite-width reference is the NTK '
+       'parameterization\'s kernel limit of the same architecture' if mup
+       else 'NTK (the finite networks of the kernel limit)'),
+      ('training', 'full-batch gradient descent (optax.sgd'
+                   + (' with muP\'s per-layer learning-rate factors' if mup
+                      else '') + f'), MSE loss, '
                    f'{results["steps"]} steps, learning rate '
                    f'{_g(results["learning_rate"], 4)} = '
                    f'{_g(results["learning_rate_fraction"], 2)} x the largest '
-                   f'stable one at infinite width, '
-                   f'{len(results["seeds"])} seed(s) per width'),
+                   'stable one '
+                   + (f'of muP at base width {results.get("base_width")} '
+                      '(muP\'s rates transfer across widths)' if mup else
+                      'at infinite width')
+                   + f', {len(results["seeds"])} seed(s) per width'),
       ('outputs', 'centered: f(params, x) - f(params_0, x), so every '
                   'network starts from the zero function like the mean of '
                   'the infinite ensemble' if config.get('center', True) else
@@ -508,11 +670,11 @@ def write_html(results: dict, plots: dict, path: str) -> None:
                        '</td></tr>' for k, v in facts)
   header, rows = table_rows(results)
   sections = []
-  for name in PLOTS + tuple(n for n in OPTIONAL_PLOTS if n in plots):
+  for name in plot_names(results):
     with open(plots[name], 'rb') as f:
       encoded = base64.b64encode(f.read()).decode('ascii')
     sections.append(
-        f'<h2>{html.escape(TITLES[name])}</h2>'
+        f'<h2>{html.escape(_title(results, name))}</h2>'
         f'<img alt="{name}" src="data:image/png;base64,{encoded}">'
         f'<p class="reading">{html.escape(read[name])}</p>')
   timings = results.get('timings', {})
@@ -530,7 +692,7 @@ on {html.escape(data['source'])}</h1>
 exact infinite-width NNGP and NTK. As the width n grows, the finite networks
 should approach the NTK's predictions, their kernels should approach the
 analytic one like n<sup>-1/2</sup>, and training should move the kernel less
-and less (lazy training).</p>
+and less (lazy training).{_MUP_INTRO if mup else ''}</p>
 <table class="facts">{facts_rows}</table>
 <h2>Summary</h2>
 {_table_html(header, rows)}
