@@ -9,7 +9,7 @@ ones. Protocol:
   split (numpy seed 0) of 1280 training and 517 test examples, features
   standardized on the training part (constant pixels left at 0);
 - network: Dense(w)-Relu-Dense(w)-Relu-Dense(10), W_std = sqrt(2) (1 on the
-  output layer), b_std = 0.1, widths w = 64, 256, 1024 (--quick: 64, 256);
+  output layer), b_std = 0.1, widths w = 64, 256, 1024, 2048 (--quick: 64, 256);
 - parameterizations: `sp` (stax `parameterization='standard'`), `mup`
   (`ntkjax.mup.MuP` with base width 64: `init_fn`, and
   `scale_updates(params, optimizer)` chained after the optimizer; at width
@@ -21,7 +21,7 @@ ones. Protocol:
   128 (fresh permutation each epoch), 200 steps (20 epochs; --quick: 100),
   float32, with each of `optax.adam(lr)` (default betas) and `optax.sgd(lr)`
   (no momentum). Grids: Adam lr = 2^-13 .. 2^-4 (octaves, 10), SGD lr =
-  2^-2.5 .. 2^2.5 (half-octaves, 11); seeds 0, 1 (init and minibatch
+  2^-2.5 .. 2^3.5 (half-octaves, 13); seeds 0, 1 (init and minibatch
   order; the data split is fixed). One optimizer object per (width, lr),
   shared by the seeds, and one apply_fn per width, so `train` compiles once
   per (width, lr);
@@ -34,53 +34,51 @@ ones. Protocol:
 Per (optimizer, parameterization), `summarize` reports the optimal lr per
 width (grid argmin of the mean loss, and `log2_lr_opt_refined`: the vertex
 of a parabola through log(loss) at the argmin and its two neighbours), the
-shift log2(lr* at 1024 / lr* at 64), the loss at the transferred lr (the
-width-64 optimum used at width 1024) against the best loss at 1024
+shift log2(lr* at 2048 / lr* at 64), the loss at the transferred lr (the
+width-64 optimum used at width 2048) against the best loss at 2048
 (`transfer_regret`, their ratio), the largest lr without a diverged seed,
 and the lrs at which the loss falls with width.
 
 Measured (full run; results/mutransfer_cpu.json), log2 of the optimal lr at
-widths 64 / 256 / 1024 (refined), and the transferred lr's loss at 1024:
+widths 64 / 256 / 1024 / 2048 (refined), and the transferred lr's loss at
+2048:
 
-    adam sp:  -6 / -7 / -7 (-6.26 / -7.29 / -7.42): shift -1 (-1.15);
-              transferred 0.0995 vs best 0.000102 (976x; test accuracy
-              96.7% vs 98.6%)
-    adam mup: -6 / -6 / -6 (-6.26 / -6.29 / -6.26): shift 0 (0.00);
-              transferred = best (0.000114); loss falls with width at 8
-              of the 10 lrs
-    adam ntp: -6 / -6 / -5 (-6.31 / -6.33 / -5.47): shift +1 (+0.84);
-              transferred 7.8e-5 vs best 6.0e-5 (1.3x)
-    sgd sp:   0.5 / 0 / -0.5 (0.33 / -0.21 / -0.30): shift -1 (-0.63);
-              the transferred lr 2^0.5 diverges at width 1024 (both
-              seeds; at 256 one seed ends at loss 0.84); best losses
+    adam sp:  -6 / -7 / -7 / -7 (-6.26 / -7.29 / -7.42 / -7.38): shift -1
+              (-1.12); transferred 0.0501 vs best 7.7e-5 (653x)
+    adam mup: -6 / -6 / -6 / -6 (-6.26 / -6.29 / -6.26 / -5.96): shift 0
+              (+0.30); transferred = best (9.3e-5)
+    adam ntp: -6 / -6 / -5 / -6 (-6.31 / -6.33 / -5.47 / -6.48): shift 0
+              (-0.17; +1 at 1024); transferred = best (1.4e-4)
+    sgd sp:   0.5 / 0 / -0.5 / -1: shift -1.5; the transferred lr 2^0.5
+              diverges at widths 1024 and 2048 (both seeds); best losses
               1.3e-3 at every width
-    sgd mup:  0.5 / 0.5 / 0.5: shift 0; transferred = best (0.00103)
-    sgd ntp:  1 / 2 / 2.5 (at the grid's edge, so >= 2.5): shift >= +1.5;
-              transferred 3.1x the best; at every lr up to 2^1 the loss
-              *rises* with width (consistent with lazy training: NTP
-              approaches its kernel limit)
+    sgd mup:  0.5 / 0.5 / 0.5 / 0.5: shift 0; transferred = best (1.0e-3)
+    sgd ntp:  1 / 2 / 3 / 3.5 (at the grid's edge, so >= 3.5): shift
+              >= +2.5; transferred 5.8x the best; at every lr up to 2^1
+              the loss *rises* with width (consistent with lazy training:
+              NTP approaches its kernel limit)
 
 So muP holds the optimum in place for both optimizers while SP's moves
-down and NTP's up. Caveats: digits is easy, so every well-tuned run drives
-the training loss to ~1e-4 (Adam) or ~1e-3 (SGD) in 200 steps, and the
-optimum sits next to the edge of stability; with SGD the sp curves are
-monotone up to that edge, so its shift is the edge moving (the largest lr
-without divergence: 2^2 / 2^0.5 / 2^0, though 2^1.5 and 2^2 at width 64
-end near ln 10, i.e. collapsed), and the best loss is the same at every
-width. muP's SGD edge also drops from width 64 to 256, by less: 2^1
-diverges for seed 1 at 256 and 1024 (seed 0 reaches 7e-4 and 6e-4 there,
-below the optimum's mean), while at 64 both seeds train (0.0023, 0.029).
-Wider is better at a fixed lr under muP (and, at most lrs where no seed
-diverged, also under SP, whose effective step grows with width, and under
-NTP with Adam); under NTP with SGD it is worse. With two seeds and octave
+down and NTP's (with SGD) up. Caveats: digits is easy, so every well-tuned
+run drives the training loss to ~1e-4 (Adam) or ~1e-3 (SGD) in 200 steps,
+and the optimum sits next to the edge of stability; with SGD the sp curves
+are monotone up to that edge, so its shift is the edge moving (the largest
+lr without divergence: 2^2 / 2^0.5 / 2^0 / 2^-1), and the best loss is the
+same at every width; muP's SGD edge drops from 2^2 at width 64 to 2^0.5
+and stays there (2^1 diverges for a seed at 256..2048). Training loss
+differences at the optimum do not show in test accuracy (97.9-98.4% for
+all of them at 2048). Wider is better at a fixed lr under muP (and, at
+most lrs where no seed diverged, also under SP, whose effective step grows
+with width); under NTP with SGD it is worse. With two seeds and octave
 (Adam) or half-octave (SGD) grids, a shift of one grid step is at the
-resolution of the measurement.
+resolution of the measurement (Adam ntp's +1 at 1024 and back at 2048).
 
-Timing (this 2-core shared CPU, load average ~1.8): the full run took
-4 min 39-42 s wall (275-278 s inside the script, ~45 s per (optimizer,
-parameterization) sweep; a width-1024 run of 200 steps ~0.9 s, plus ~0.7 s
-of compilation on its first seed); --quick ~45 s. Runs are deterministic on
-this CPU: three full runs gave bit-identical losses and accuracies.
+Timing (this 2-core shared CPU, with a test run beside it part of the
+time): the full run took 39 min (2361 s inside the script); a width-2048
+run of 200 steps ~8 s alone, 30-45 s beside the test run; widths up to
+1024 alone took 4 min 40 s in an earlier run. --quick ~45 s. Runs are
+deterministic on this CPU: three full runs gave bit-identical losses and
+accuracies (widths up to 1024; the widths shared with this run agree).
 
 Output: benchmarks/results/mutransfer_<backend>.json (_quick for --quick):
 `cases` has one summary per (optimizer, parameterization) (`case` =
@@ -118,12 +116,12 @@ from ntkjax.mup import MuP  # noqa: E402
 
 BASE_WIDTH = 64
 OPTIMIZERS = ('adam', 'sgd')
-WIDTHS = {False: (64, 256, 1024), True: (64, 256)}
+WIDTHS = {False: (64, 256, 1024, 2048), True: (64, 256)}
 # log2 of the learning rate, per optimizer: Adam octaves around its optimum
 # (~2^-6 at width 64); SGD half-octaves up to past its edge of stability.
 LOG2_LRS = {
     False: {'adam': tuple(range(-13, -3)),
-            'sgd': tuple(k / 2 for k in range(-5, 6))},
+            'sgd': tuple(k / 2 for k in range(-5, 8))},
     True: {'adam': (-12, -9, -6, -3), 'sgd': (-3., -1., 1., 3.)},
 }
 SEEDS = {False: (0, 1), True: (0, 1)}

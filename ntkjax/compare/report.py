@@ -366,73 +366,51 @@ def _loglog_vs_width(results, name, ylabel, path, plt, title,
 
 
 def plot_divergence(results: dict, path: str, plt) -> None:
-  if _mup(results):
-    return _plot_network_vs_linearized(results, path, plt)
+  """Left: the gaps along training, one colour per width; right: at the end
+  of training against width. Under muP (no kernel limit) each network
+  against its own linearization only."""
   widths = results['widths']
   div = results['divergence']
   steps = np.asarray(div['steps'], np.float64)
-  net, lin = _array(div['network']), _array(div['linearized'])
+  if _mup(results):
+    curves = [(_array(div['network_vs_linearized']), '-', 1.)]
+    ylabel = r'RMS $f_n - f_n^{\mathrm{lin}}$ on test outputs'
+    title = 'muP network vs its linearization, along training'
+    points = [('network_vs_linearized', '^', 'C3', 7,
+               'network vs linearized')]
+  else:
+    curves = [(_array(div['network']), '-', 1.),
+              (_array(div['linearized']), '--', 0.6)]
+    ylabel = r'RMS $f_n - f_{\mathrm{NTK}}$ on test outputs'
+    title = 'along training (solid: network, dashed: linearized)'
+    points = [('network', 'o', 'C0', 7, 'network'),
+              ('linearized', 's', 'C1', 5, 'linearized twin'),
+              ('network_vs_linearized', '^', 'C3', 5,
+               'network vs linearized')]
   fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
   colors = plt.get_cmap('viridis')(np.linspace(0, 0.9, len(widths)))
   later = steps > 0   # log time axis: step 0 has gap 0 by construction
   for i, width in enumerate(widths):
-    left.plot(steps[later], net[i, later], '-', color=colors[i],
-              label=f'n = {width}')
-    left.plot(steps[later], lin[i, later], '--', color=colors[i], alpha=0.6)
+    for k, (values, style, alpha) in enumerate(curves):
+      left.plot(steps[later], values[i, later], style, color=colors[i],
+                alpha=alpha, label=f'n = {width}' if k == 0 else None)
   left.set_xscale('log')
-  _log_scale(left, net[:, later], lin[:, later])
+  _log_scale(left, *[values[:, later] for values, _, _ in curves])
   left.set_xlabel('step')
-  left.set_ylabel(r'RMS $f_n - f_{\mathrm{NTK}}$ on test outputs')
-  left.set_title('along training (solid: network, dashed: linearized)',
-                 fontsize=10)
+  left.set_ylabel(ylabel)
+  left.set_title(title, fontsize=10)
   left.grid(True, which='both', alpha=0.3)
   left.legend(fontsize=7, ncol=2)
-  final = _array(div['final']['network'])
-  right.plot(widths, final, 'o', color='C0', ms=7, label='network')
-  right.plot(widths, _array(div['final']['linearized']), 's', color='C1',
-             ms=5, label='linearized twin')
-  right.plot(widths, _array(div['final']['network_vs_linearized']), '^',
-             color='C3', ms=5, label='network vs linearized')
-  fit = {'final_slope': div['final_slope'],
-         'final_slope_stderr': div['final_slope_stderr'],
-         'final_prefactor': div['final_prefactor']}
-  _fit_lines(right, fit, 'final', widths, final, 'C0')
+  finals = [_array(div['final'][key]) for key, *_ in points]
+  for final, (_, marker, color, size, label) in zip(finals, points):
+    right.plot(widths, final, marker, color=color, ms=size, label=label)
+  if not _mup(results):
+    fit = {'final_slope': div['final_slope'],
+           'final_slope_stderr': div['final_slope_stderr'],
+           'final_prefactor': div['final_prefactor']}
+    _fit_lines(right, fit, 'final', widths, finals[0], 'C0')
   _width_axis(right, widths)
-  _log_scale(right, final, _array(div['final']['linearized']))
-  right.set_ylabel(f'RMS gap after {results["steps"]} steps')
-  right.set_title('at the end of training', fontsize=10)
-  right.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def _plot_network_vs_linearized(results: dict, path: str, plt) -> None:
-  """muP's divergence plot: each network against its own linearization
-  (there is no kernel limit to compare with)."""
-  widths = results['widths']
-  div = results['divergence']
-  steps = np.asarray(div['steps'], np.float64)
-  between = _array(div['network_vs_linearized'])
-  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-  colors = plt.get_cmap('viridis')(np.linspace(0, 0.9, len(widths)))
-  later = steps > 0
-  for i, width in enumerate(widths):
-    left.plot(steps[later], between[i, later], '-', color=colors[i],
-              label=f'n = {width}')
-  left.set_xscale('log')
-  _log_scale(left, between[:, later])
-  left.set_xlabel('step')
-  left.set_ylabel(r'RMS $f_n - f_n^{\mathrm{lin}}$ on test outputs')
-  left.set_title('muP network vs its linearization, along training',
-                 fontsize=10)
-  left.grid(True, which='both', alpha=0.3)
-  left.legend(fontsize=7, ncol=2)
-  final = _array(div['final']['network_vs_linearized'])
-  right.plot(widths, final, '^', color='C3', ms=7,
-             label='network vs linearized')
-  _width_axis(right, widths)
-  _log_scale(right, final)
+  _log_scale(right, *finals)
   right.set_ylabel(f'RMS gap after {results["steps"]} steps')
   right.set_title('at the end of training', fontsize=10)
   right.legend(fontsize=8)
