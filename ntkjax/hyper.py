@@ -392,8 +392,18 @@ def _step(builder: Callable, choice: tuple, get: str, absolute: bool,
       value, grad = optax.value_and_grad_from_state(value_fn)(u, state=state)
       updates, state = optimizer.update(grad, state, u, value=value,
                                         grad=grad, value_fn=value_fn)
-      return optax.apply_updates(u, updates), state, value, grad
+      return (_strong(optax.apply_updates(u, updates)), _strong(state),
+              value, grad)
   return optimizer, step
+
+
+def _strong(tree):
+  """The leaves without JAX's weak type. `step`'s inputs and outputs must
+  have the same types, or it compiles twice (2.5 s each for a 40-point
+  Erf network): Python-float starts and optax.lbfgs's initial state are
+  weakly typed where its updated state is not."""
+  return jax.tree.map(lambda x: jnp.asarray(x).astype(jnp.result_type(x)),
+                      tree)
 
 
 def _run(problem: _Problem, choice: dict, starts: list, steps: int,
@@ -410,9 +420,9 @@ def _run(problem: _Problem, choice: dict, starts: list, steps: int,
   n_total = problem.y.size
   runs = []
   for restart, start in enumerate(starts):
-    u = {name: jnp.asarray(m.variable(start[name]))
-         for name, m in problem.maps.items()}
-    state = optimizer.init(u)
+    u = _strong({name: m.variable(start[name])
+                 for name, m in problem.maps.items()})
+    state = _strong(optimizer.init(u))
     best_u, best, history, status, quiet = u, np.inf, [], 'max steps', 0
     for iteration in range(steps):
       new_u, state, value, grad = step(u, state, fixed, x, y)  # at u
