@@ -10,6 +10,7 @@ network built from the same definition,
 which converge to the infinite-width kernels as the hidden widths grow.
 """
 
+import contextlib
 import itertools
 
 import jax
@@ -22,6 +23,21 @@ import ntkjax
 from ntkjax import stax
 
 jax.config.update('jax_enable_x64', True)
+
+
+@contextlib.contextmanager
+def backend_compiles():
+  """Collects one entry per XLA backend compilation inside the block."""
+  compiles = []
+
+  def listener(name, duration, **kwargs):
+    if 'backend_compile' in name:
+      compiles.append(name)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield compiles
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def empirical_nngp(apply_fn, params, x1, x2):

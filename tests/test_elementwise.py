@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_monte_carlo_close, monte_carlo
+from conftest import assert_monte_carlo_close, backend_compiles, monte_carlo
 from ntkjax import stax
 from ntkjax.stax import _dual as dual, _quadrature as quadrature
 
@@ -156,13 +156,7 @@ def test_quadrature_kernels_compile_once_when_called_eagerly():
   the kernel maps build their elementwise maps anew on each call, so equal
   maps must be one object (`_quadrature._canonical`), or every call would
   compile again (it cost 0.5 s per quadrature layer per call)."""
-  compiles = []
-
-  def listener(name, duration, **kwargs):
-    if 'backend_compile' in name:
-      compiles.append(name)
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with backend_compiles() as compiles:
     net = stax.serial(stax.Dense(8, W_std=1.3), stax.Tanh(), stax.Dense(8),
                       stax.Tanh(), stax.Dense(1))
     # 64 x 64 entries: past the small-kernel path, into the chunked stage.
@@ -177,5 +171,3 @@ def test_quadrature_kernels_compile_once_when_called_eagerly():
     other = stax.serial(stax.Dense(8, W_std=2.), stax.Tanh(), stax.Dense(8),
                         stax.Tanh(), stax.Dense(1)).kernel_fn(x, None, 'ntk')
     assert np.max(np.abs(other - first.ntk)) > 1e-3
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)

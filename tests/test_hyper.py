@@ -11,6 +11,8 @@ import pytest
 
 from ntkjax import hyper, stax
 
+from conftest import backend_compiles
+
 
 def builder(W_std, b_std, activation='erf'):
   """A one-hidden-layer network; `activation` is a discrete choice."""
@@ -324,13 +326,7 @@ def test_fit_compiles_its_step_once():
   `hyper._strong`). Fresh builders, so nothing comes from earlier fits."""
   x = inputs(20, seed=21)
   y = sample_targets(builder(1.2, 0.3)(x, None, get='nngp'), 0.1, 2, seed=22)
-  compiles = []
-
-  def listener(name, duration, **kwargs):
-    if 'backend_compile' in name:
-      compiles.append(name)
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with backend_compiles() as compiles:
     counts = []
     # The first of the three warms the eager helpers up (shared by all).
     for steps in (2, 1, 5):
@@ -340,6 +336,4 @@ def test_fit_compiles_its_step_once():
                          restarts=1, steps=steps)
       counts.append(len(compiles))
       assert len(result.runs[0]['history']) >= min(steps, 2)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   assert counts[2] == counts[1], counts
