@@ -211,6 +211,16 @@ def ntkjax_source_digest() -> str:
   return digest.hexdigest()
 
 
+def ntkjax_sources_changed(digest: str) -> bool:
+  """Whether ntkjax's sources differ from `digest` (taken when the run
+  began; `ntkjax_source_digest`), with a warning on stderr if so: the
+  numbers may then mix two versions of the code."""
+  changed = ntkjax_source_digest() != digest
+  if changed:
+    print('warning: ntkjax sources changed during the run', file=sys.stderr)
+  return changed
+
+
 def ntkjax_git_state() -> dict:
   """ntkjax's commit and whether ntkjax/ had uncommitted changes."""
   import subprocess

@@ -423,9 +423,7 @@ def main(argv=None) -> int:
   print(f'total {total} s')
   if args.no_write:
     return 0
-  changed = _common.ntkjax_source_digest() != digest
-  if changed:
-    print('warning: ntkjax sources changed during the run', file=sys.stderr)
+  changed = _common.ntkjax_sources_changed(digest)
   _common.write_benchmark(
       'mutransfer', summaries, 'ntkjax', ntkjax.__version__, args.quick,
       'mutransfer', COLUMNS,

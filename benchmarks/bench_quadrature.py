@@ -410,9 +410,7 @@ def main(argv=None) -> int:
       print(f'  {records[-1]["status"]}', flush=True)
   _common.print_table(accuracy, ('quantity', 'q', 'reference',
                                  'new_abs_error', 'old_abs_error'))
-  changed = _common.ntkjax_source_digest() != digest
-  if changed:
-    print('warning: ntkjax sources changed during the run', file=sys.stderr)
+  changed = _common.ntkjax_sources_changed(digest)
   _common.write_benchmark(
       'quadrature', records, 'ntkjax', ntkjax.__version__, args.quick,
       'quadrature', COLUMNS,

@@ -816,11 +816,8 @@ def main(argv=None) -> int:
     print(f'  {record.get("status")}', flush=True)
     records.append(record)
   sources = {'ntkjax_sources_sha256': digest,
-             # The sources changed on disk while the cases ran (someone
-             # editing ntkjax/): the numbers may mix two versions.
-             'ntkjax_sources_changed_during_run': source_digest() != digest}
-  if sources['ntkjax_sources_changed_during_run']:
-    print('warning: ntkjax sources changed during the run', file=sys.stderr)
+             'ntkjax_sources_changed_during_run':
+                 _common.ntkjax_sources_changed(digest)}
   if list(args.cases) != list(CASES):
     _common.print_table(records, COLUMNS)
     print(json.dumps(records, indent=2))

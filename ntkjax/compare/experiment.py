@@ -462,18 +462,15 @@ def _run(config: Config, stream: TextIO) -> dict:
       return kernel_fn(x1, x2, get)
     ntk_max_lr = float(predict.max_learning_rate(k_train.ntk, y_train.size))
     if mup_mode:
-      # The NTK limit runs at its own rate; the muP networks at a fraction
-      # of the largest stable rate of their own kernel (module docstring).
-      reference_lr = config.lr_fraction * ntk_max_lr
       max_lr = _mup_max_learning_rate(mup, base_width, x_train, y_train.size)
       where = f'for muP at base width {base_width}'
     else:
-      reference_lr = max_lr = ntk_max_lr
-      where = 'at infinite width'
+      max_lr, where = ntk_max_lr, 'at infinite width'
     lr = (float(config.learning_rate) if config.learning_rate is not None
           else config.lr_fraction * max_lr)
-    if not mup_mode:
-      reference_lr = lr
+    # Under muP the NTK limit runs at its own rate, the networks at a
+    # fraction of their own kernel's (module docstring).
+    reference_lr = config.lr_fraction * ntk_max_lr if mup_mode else lr
     if lr >= max_lr:
       stream.write(f'   warning: learning rate {lr:.4g} >= {max_lr:.4g}, the '
                    f'largest stable one {where}; expect divergence.\n')
@@ -503,6 +500,7 @@ def _run(config: Config, stream: TextIO) -> dict:
 
   optimizer = optax.sgd(lr)   # one object: train() compiles once per width
   x_sub = x_train[:kernel_points]
+  y_sub = np.asarray(dataset.y_train)[:kernel_points]
   y_shape, y_test_shape = dataset.y_train.shape, dataset.y_test.shape
   n_w, n_s, n_r = len(widths), config.seeds, len(record)
   nan = lambda *shape: np.full(shape, np.nan)
@@ -572,19 +570,23 @@ def _run(config: Config, stream: TextIO) -> dict:
         net = runs['network'][0]
         gaps['network_vs_linearized'][i, seed] = rms_gap(runs['network'][1],
                                                          runs['linearized'][1])
-        if ref_test is not None and dataset.labels_test is not None:
-          per_seed['ntk_same_init_accuracy'][i, seed] = accuracy(
-              ref_test[-1], dataset.labels_test)
         if ref_test is not None:
+          if dataset.labels_test is not None:
+            per_seed['ntk_same_init_accuracy'][i, seed] = accuracy(
+                ref_test[-1], dataset.labels_test)
           per_seed['ntk_same_init_mse'][i, seed] = mean_squared_error(
               ref_test[-1], dataset.y_test)
         if np.all(np.isfinite(np.asarray(net.loss))):
           theta_t = np.asarray(ntk_fn(x_sub, None, net.params))
           per_seed['drift'][i, seed] = relative_distance(theta_t, theta0)
+        if alphas:
+          # The same initial kernel for every alpha.
+          dial['alignment_before'][i, seed] = feature_learning.kernel_alignment(
+              theta0, y_sub)
         for j, alpha in enumerate(alphas):
           metrics = _lazy_rich_run(apply_fn, params, alpha, width_optimizer,
                                    config.steps, (x_train, y_train, x_test),
-                                   dataset, ntk_fn, x_sub, theta0)
+                                   dataset, ntk_fn, x_sub, theta0, y_sub)
           for name, value in metrics.items():
             dial[name][i, seed, j] = value
         bar.advance(weight[width], f'width {width}, seed {seed}')
@@ -632,17 +634,16 @@ LAZY_RICH_METRICS = ('accuracy', 'mse', 'drift', 'alignment_before',
 
 
 def _lazy_rich_run(apply_fn, params, alpha: float, optimizer, steps: int,
-                   arrays, dataset, ntk_fn, x_sub, theta0) -> dict:
+                   arrays, dataset, ntk_fn, x_sub, theta0, y_sub) -> dict:
   """One network trained at output scale alpha (item 6 of the module
   docstring): its test metrics, NTK drift and kernel-target alignment
-  before and after, on the kernel points. NaN where it diverged."""
+  after training, on the kernel points (y_sub: their targets). NaN where
+  it diverged."""
   x_train, y_train, x_test = arrays      # already on the device
   result = ntkjax.train(apply_fn, params, x_train, y_train, optimizer, steps,
                         x_test=x_test, output_scale=alpha)
   f_test = np.asarray(result.fx_test[-1])
-  y_sub = np.asarray(dataset.y_train)[:theta0.shape[0]]
-  out = dict.fromkeys(LAZY_RICH_METRICS, np.nan)
-  out['alignment_before'] = feature_learning.kernel_alignment(theta0, y_sub)
+  out = dict.fromkeys(('accuracy', 'mse', 'drift', 'alignment_after'), np.nan)
   if not np.all(np.isfinite(f_test)):
     return out
   theta_t = np.asarray(ntk_fn(x_sub, None, result.params))
